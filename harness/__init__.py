@@ -1,0 +1,62 @@
+"""persona-harness: extract and check persona vectors with a pluggy core.
+
+Importing ``harness`` is light: torch, transformers and instructor load only when used.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .hookspecs import hookimpl, hookspec  # noqa: E402
+
+__all__ = [
+    "__version__", "hookimpl", "hookspec", "get_plugin_manager", "load_settings", "Settings", "run_trait",
+    "load_trait", "TraitSpec", "Generation", "GenerationRequest", "Judgment", "JudgeItem", "Selection", "VectorSet",
+]
+
+_LAZY = {
+    "get_plugin_manager": ("plugins", "get_plugin_manager"),
+    "load_settings": ("config", "load_settings"),
+    "Settings": ("config", "Settings"),
+    "run_trait": ("pipeline", "run_trait"),
+    "TraitSpec": ("records", "TraitSpec"),
+    "Generation": ("records", "Generation"),
+    "GenerationRequest": ("records", "GenerationRequest"),
+    "Judgment": ("records", "Judgment"),
+    "JudgeItem": ("records", "JudgeItem"),
+    "Selection": ("records", "Selection"),
+    "VectorSet": ("records", "VectorSet"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{mod}", __name__), attr)
+    if name == "load_trait":
+        return load_trait
+    raise AttributeError(name)
+
+
+def load_trait(name_or_path: str, settings=None, pm=None):
+    """Load a trait by name (through the trait-source hooks) or from a file/folder path."""
+    import os
+
+    from .config import Settings
+    from .plugins import get_plugin_manager
+
+    if os.path.exists(name_or_path):
+        from harness_plugins.traits_json import load_trait_path
+
+        return load_trait_path(name_or_path)
+    settings = settings or Settings()
+    pm = pm or get_plugin_manager()
+    spec = pm.hook.harness_load_trait(name=name_or_path, settings=settings)
+    if spec is None:
+        from .errors import UnknownComponentError
+
+        known = sorted({n for ns in pm.hook.harness_list_traits(settings=settings) for n in (ns or [])})
+        raise UnknownComponentError("trait", name_or_path, known)
+    return spec

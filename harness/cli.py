@@ -1,0 +1,235 @@
+"""``persona-harness`` command line. Plugins add sub-commands with ``harness_register_commands``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import HarnessError
+
+# settings exposed as flags: (flag, field, type, help)
+SETTING_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--model", "model", str, "HF model id or local path; 'smollm2' (default) is the embedded model"),
+    ("--generator", "generator", str, "generator plugin name (default hf)"),
+    ("--judge", "judge", str, "judge plugin name (default local)"),
+    ("--judge-model", "judge_model", str, "judge model (local: HF id/path; servers: model name)"),
+    ("--judge-base-url", "judge_base_url", str, "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"),
+    ("--judge-api-key-env", "judge_api_key_env", str, "environment variable holding the judge API key"),
+    ("--judge-mode", "judge_mode", str, "instructor mode: tools, json_schema, json, md_json"),
+    ("--judge-concurrency", "judge_concurrency", int, "judge requests in flight"),
+    ("--judge-retries", "judge_retries", int, "judge retries before an item is unscored"),
+    ("--judge-timeout", "judge_timeout", float, "seconds per judge request"),
+    ("--judge-min-mass", "judge_min_mass", float, "min probability on numbers for a logprob score"),
+    ("--filter", "filter", str, "filter plugin name (default effective-pairs)"),
+    ("--extractor", "extractor", str, "extractor plugin name (default mean-diff)"),
+    ("--profile", "profile", str, "settings profile: auto (per model), paper, embedded"),
+    ("--n-per-question", "n_per_question", int, "samples per question and instruction"),
+    ("--temperature", "temperature", float, "sampling temperature (0 = greedy)"),
+    ("--top-p", "top_p", float, "nucleus sampling (1 = off)"),
+    ("--max-new-tokens", "max_new_tokens", int, "response length limit"),
+    ("--seed", "seed", int, "sampling seed"),
+    ("--batch-size", "batch_size", int, "generation batch size (0 = automatic)"),
+    ("--extract-batch-size", "extract_batch_size", int, "extraction batch size"),
+    ("--trait-threshold", "trait_threshold", float, "T: keep pos >= T and neg < 100 - T"),
+    ("--coherence-threshold", "coherence_threshold", float, "C: keep pairs with both coherence >= C"),
+    ("--pos-name", "pos_name", str, "assistant name in pos prompts (default: the trait)"),
+    ("--neg-name", "neg_name", str, "assistant name in neg prompts (default: helpful)"),
+    ("--out", "out_dir", str, "run directory (default runs/<model>/<trait>)"),
+    ("--cache-dir", "cache_dir", str, "cache directory (default .harness_cache)"),
+    ("--device", "device", str, "cpu, cuda, cuda:1, auto"),
+    ("--dtype", "dtype", str, "float32, bfloat16, float16, auto"),
+]
+
+
+def add_settings_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("settings (flags > config file > PERSONA_HARNESS_* environment)")
+    for flag, dest, typ, help_ in SETTING_FLAGS:
+        g.add_argument(flag, dest=f"set_{dest}", type=typ, default=None, help=help_)
+    g.add_argument("--splits", dest="set_splits", default=None, help="comma list: extract,eval")
+    g.add_argument("--traits-dir", dest="traits_dirs", action="append", default=[], help="extra traits folder")
+    g.add_argument("--trait-file", dest="trait_files", action="append", default=[], help="run a trait from this file")
+    g.add_argument("--plugin", dest="plugins", action="append", default=[], help="load this plugin module")
+    g.add_argument("--config", dest="config", default=None, help="TOML config file")
+    g.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bars")
+
+
+def settings_from_args(args: argparse.Namespace):
+    from .config import load_settings
+
+    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
+    if getattr(args, "traits_dirs", None):
+        flags["traits_dirs"] = tuple(args.traits_dirs)
+    if getattr(args, "trait_files", None):
+        flags["trait_files"] = tuple(args.trait_files)
+    if getattr(args, "plugins", None):
+        flags["plugins"] = tuple(args.plugins)
+    if getattr(args, "no_progress", False):
+        flags["progress"] = False
+    return load_settings(flags, config_path=getattr(args, "config", None))
+
+
+def _pm(settings):
+    from .plugins import get_plugin_manager
+
+    return get_plugin_manager(modules=settings.plugins)
+
+
+def cmd_run(args) -> int:
+    from pathlib import Path
+
+    from .pipeline import run_trait
+
+    s = settings_from_args(args)
+    pm = _pm(s)
+    traits = list(args.trait or [])
+    if s.trait_files and not traits:
+        from harness_plugins.traits_json import load_trait_path
+
+        traits = [load_trait_path(f) for f in s.trait_files]  # type: ignore[misc]
+    if not traits:
+        print("error: give --trait NAME or --trait-file PATH (see 'persona-harness traits')", file=sys.stderr)
+        return 2
+    results = []
+    for t in traits:
+        if isinstance(t, str) and len(traits) > 1 and s.out_dir:
+            s2 = s.replace(out_dir=str(Path(s.out_dir) / t))
+        else:
+            s2 = s
+        res = run_trait(t, s2, pm=pm)
+        results.append(res)
+        print_summary(res.summary, res.run_dir, json_out=args.json)
+    return 0
+
+
+def print_summary(summary: dict, run_dir, *, json_out: bool = False) -> None:
+    if json_out:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+
+    def f(x):
+        return "n/a" if x is None else f"{x:.1f}"
+
+    print(f"\n== {summary['trait']} on {summary['model']} (profile: {summary.get('profile')}) ==")
+    print(f"generations: {summary.get('generations')}  (empty responses: {summary.get('empty_responses', 0)})")
+    if "trait_pos_mean" in summary:
+        print(f"trait score     pos {f(summary['trait_pos_mean'])}  neg {f(summary['trait_neg_mean'])}  "
+              f"gap {f((summary['trait_pos_mean'] or 0) - (summary['trait_neg_mean'] or 0))}")
+        print(f"coherence       pos {f(summary['coherence_pos_mean'])}  neg {f(summary['coherence_neg_mean'])}")
+        if summary.get("unscored"):
+            print(f"unscored        {summary['unscored']}")
+    if "pairs_kept" in summary:
+        print(f"effective pairs {summary['pairs_kept']} of {summary['pairs_candidates']}; dropped: {summary['dropped'] or 'none'}")
+    if "norm_peak" in summary:
+        np_ = summary["norm_peak"]
+        print(f"norm peak       layer {np_['peak_layer']} of {np_['num_layers']} (relative depth {np_['relative_depth']:.2f}; "
+              f"index {np_['final_norm_index']} is after the final norm)")
+    print(f"run directory   {run_dir}")
+
+
+def cmd_traits(args) -> int:
+    s = settings_from_args(args)
+    pm = _pm(s)
+    names = sorted({n for ns in pm.hook.harness_list_traits(settings=s) for n in (ns or [])})
+    for n in names:
+        spec = pm.hook.harness_load_trait(name=n, settings=s)
+        if args.verbose and spec is not None:
+            print(f"{n}\t{len(spec.instructions)} pairs\t{len(spec.questions)} extract\t{len(spec.eval_questions)} eval\t{spec.source}")
+        else:
+            print(n)
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from .plugins import build_registry, plugin_info
+
+    s = settings_from_args(args)
+    pm = _pm(s)
+    info = plugin_info(pm)
+    regs = {k: build_registry(pm, k) for k in ("generator", "judge", "filter", "extractor")}
+    if args.json:
+        print(json.dumps({"plugins": info, "components": {k: {n: c.plugin for n, c in r.components.items()}
+                                                          for k, r in regs.items()}}, indent=2))
+        return 0
+    for p in info:
+        print(f"{p['name']}  {p['distribution']} {p['version']}  hooks: {', '.join(p['hooks'])}")
+    for k, r in regs.items():
+        for n, c in sorted(r.components.items()):
+            print(f"  {k:9s} {n:18s} {c.plugin}  {c.description}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from harness_plugins.traits_json import PAPER_PAIRS, PAPER_QUESTIONS, load_trait_path
+
+    bad = 0
+    for path in args.paths:
+        try:
+            spec = load_trait_path(path)
+        except HarnessError as e:
+            print(f"INVALID {e}", file=sys.stderr)
+            bad += 1
+            continue
+        notes = []
+        if len(spec.instructions) != PAPER_PAIRS:
+            notes.append(f"{len(spec.instructions)} instruction pairs (the method uses {PAPER_PAIRS})")
+        if len(spec.questions) != PAPER_QUESTIONS:
+            notes.append(f"{len(spec.questions)} extraction questions (the method uses {PAPER_QUESTIONS})")
+        if spec.eval_source and len(spec.eval_questions) != PAPER_QUESTIONS:
+            notes.append(f"{len(spec.eval_questions)} evaluation questions (the method uses {PAPER_QUESTIONS})")
+        print(f"OK {path}: trait {spec.name!r}, {len(spec.instructions)} pairs, {len(spec.questions)} extract"
+              f" + {len(spec.eval_questions)} eval questions" + (f"; note: {'; '.join(notes)}" if notes else ""))
+    return 1 if bad else 0
+
+
+def build_parser(pm=None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="persona-harness", description="Extract and check persona vectors.")
+    p.add_argument("--version", action="version", version=f"persona-harness {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    r = sub.add_parser("run", help="run trait -> generate -> judge -> filter -> extract")
+    r.add_argument("--trait", action="append", help="trait name (repeatable)")
+    r.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_settings_arguments(r)
+    r.set_defaults(func=cmd_run)
+    t = sub.add_parser("traits", help="list the traits the trait sources know")
+    t.add_argument("-v", "--verbose", action="store_true")
+    add_settings_arguments(t)
+    t.set_defaults(func=cmd_traits)
+    pl = sub.add_parser("plugins", help="list plugins, versions and components")
+    pl.add_argument("--json", action="store_true")
+    add_settings_arguments(pl)
+    pl.set_defaults(func=cmd_plugins)
+    v = sub.add_parser("validate", help="check trait files or folders")
+    v.add_argument("paths", nargs="+")
+    v.set_defaults(func=cmd_validate)
+    if pm is not None:
+        pm.hook.harness_register_commands(subparsers=sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .plugins import get_plugin_manager
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --plugin modules must be known before parsing so their commands exist
+    mods = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--plugin"]
+    try:
+        pm = get_plugin_manager(modules=mods)
+        parser = build_parser(pm)
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; finished records are in the cache and a rerun resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

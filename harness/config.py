@@ -1,0 +1,183 @@
+"""Settings: command-line flags > config file > environment (PERSONA_HARNESS_*) > defaults.
+
+Config files: ``--config PATH``, else ``persona-harness.toml`` in the working directory, else the
+``[tool.persona-harness]`` table of ``pyproject.toml`` there. Keys are the field names below.
+API keys are never settings: judges read them from the environment at call time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_PREFIX = "PERSONA_HARNESS_"
+DEFAULT_MODEL = "smollm2"
+
+
+@dataclass
+class Settings:
+    # what to run
+    model: str = DEFAULT_MODEL
+    generator: str = "hf"
+    judge: str = "local"
+    filter: str = "effective-pairs"
+    extractor: str = "mean-diff"
+    profile: str = "auto"  # "auto": the model's documented profile if it has one; "paper"; or a name
+    # generation
+    n_per_question: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    seed: int = 0
+    batch_size: int = 0  # 0: choose automatically
+    pos_name: str = ""  # "" -> the trait name
+    neg_name: str = "helpful"
+    splits: tuple[str, ...] = ("extract",)
+    # judging
+    judge_model: str = ""  # local judge: "" -> same as model; servers: the model name to request
+    judge_base_url: str = ""
+    judge_api_key_env: str = "OPENAI_API_KEY"  # name of the variable holding the key, never the key
+    judge_batch_size: int = 8
+    judge_concurrency: int = 8
+    judge_timeout: float = 60.0
+    judge_retries: int = 4
+    judge_mode: str = ""  # instructor mode ("" -> default for the server kind)
+    judge_min_mass: float = -1.0  # -1 -> the judge's default (0.25, the paper's)
+    # filtering (paper defaults)
+    trait_threshold: float = 50.0
+    coherence_threshold: float = 50.0
+    # extraction
+    extract_batch_size: int = 8
+    # places
+    out_dir: str = ""  # "" -> runs/<model>/<trait>
+    cache_dir: str = ".harness_cache"
+    traits_dirs: tuple[str, ...] = ()
+    trait_files: tuple[str, ...] = ()
+    # environment
+    device: str = "auto"
+    dtype: str = "auto"
+    plugins: tuple[str, ...] = ()
+    progress: bool = True
+    plugin_config: dict = field(default_factory=dict)
+    profile_applied: str = ""  # filled in by apply_profile
+
+    def replace(self, **kw: Any) -> Settings:
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+#: Named profiles. A model id maps to its profile when ``profile="auto"``.
+PROFILES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    # SmolLM2-135M judging itself puts only 15-30 % of its probability on numbers and
+    # rarely scores above 50; see README "Embedded-model profile" for the measurements.
+    "embedded": {"trait_threshold": 35.0, "coherence_threshold": 30.0, "judge_min_mass": 0.05},
+}
+MODEL_PROFILES = {"smollm2": "embedded"}
+
+
+def apply_profile(settings: Settings, explicit: set[str] | None = None) -> Settings:
+    """Apply the named (or the model's) profile without overriding explicitly set fields."""
+    explicit = explicit or set()
+    name = settings.profile
+    if name == "auto":
+        name = MODEL_PROFILES.get(settings.model, "paper")
+    if name not in PROFILES:
+        raise ConfigError(f"unknown profile {name!r}; known: {', '.join(sorted(PROFILES))}")
+    updates = {k: v for k, v in PROFILES[name].items() if k not in explicit}
+    return settings.replace(profile_applied=name, **updates)
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    f = FIELDS[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(value)
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise TypeError("expected a table")
+            return value
+        return str(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: setting '{name}' = {value!r}: {e}") from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file: {e}") from None
+
+
+def config_file_values(path: str | None = None, cwd: str | Path = ".") -> tuple[dict[str, Any], str]:
+    if path:
+        data = _read_toml(Path(path))
+        return data.get("tool", {}).get("persona-harness", data), str(path)
+    cand = Path(cwd) / "persona-harness.toml"
+    if cand.exists():
+        return _read_toml(cand), str(cand)
+    pyproject = Path(cwd) / "pyproject.toml"
+    if pyproject.exists():
+        data = _read_toml(pyproject).get("tool", {}).get("persona-harness")
+        if data:
+            return data, str(pyproject)
+    return {}, ""
+
+
+def load_settings(
+    flags: dict[str, Any] | None = None,
+    *,
+    config_path: str | None = None,
+    environ: dict[str, str] | None = None,
+    cwd: str | Path = ".",
+) -> Settings:
+    """Merge defaults < environment < config file < flags, then apply the profile."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    explicit: set[str] = set()
+    for name in FIELDS:
+        key = ENV_PREFIX + name.upper()
+        if key in environ and name not in ("plugin_config", "profile_applied"):
+            values[name] = _coerce(name, environ[key], f"environment {key}")
+            explicit.add(name)
+    file_values, file_name = config_file_values(config_path, cwd)
+    for name, value in file_values.items():
+        name = name.replace("-", "_")
+        if name not in FIELDS:
+            raise ConfigError(f"{file_name}: unknown setting '{name}'. Known: {', '.join(sorted(FIELDS))}")
+        values[name] = _coerce(name, value, file_name)
+        explicit.add(name)
+    for name, value in (flags or {}).items():
+        if value is None:
+            continue
+        if name not in FIELDS:
+            raise ConfigError(f"unknown setting {name!r}")
+        values[name] = _coerce(name, value, f"--{name.replace('_', '-')}")
+        explicit.add(name)
+    return apply_profile(Settings(**values), explicit)

@@ -1,0 +1,340 @@
+"""The trait pipeline: trait -> generate -> judge -> filter -> extract, writing a run directory.
+
+Every finished generation and judgment is stored in the content-addressed cache as soon as its
+batch finishes, so an interrupted run resumes and an identical rerun recomputes nothing.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from . import __version__
+from .artifacts import atomic_write_json, save_vectors, write_jsonl
+from .cache import Cache, cache_key
+from .config import Settings
+from .errors import HarnessError, NoEffectivePairsError
+from .modeling import system_prompt
+from .plugins import build_registry, get_plugin_manager, plugin_info
+from .records import Generation, GenerationRequest, Judgment, LAYER_CONVENTION, Selection, TraitSpec, VectorSet
+from .rubrics import COHERENCE, judge_items
+
+STAGES = ("generate", "judge", "filter", "extract")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def safe_name(name: str, what: str = "trait name") -> str:
+    """Refuse names that could escape the run directory (path separators, '..', etc.)."""
+    if not _SAFE_NAME.match(name) or ".." in name:
+        raise HarnessError(f"{what} {name!r} is not allowed: use letters, digits, '_', '-', '.' (no '..', no slashes)")
+    return name
+
+
+def slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-.") or "model"
+
+
+@dataclass
+class RunContext:
+    """What components get besides records: settings, the plugin manager, models, the run dir."""
+
+    settings: Settings
+    pm: Any
+    trait: TraitSpec | None = None
+    run_dir: Path | None = None
+    cache: Cache | None = None
+    models: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    progress: Callable | None = None
+
+    def model(self, model_id: str | None = None):
+        """The loaded model (``settings.model`` by default), loaded once per context."""
+        model_id = model_id or self.settings.model
+        if model_id not in self.models:
+            t0 = time.perf_counter()
+            lm = self.pm.hook.harness_load_model(model_id=model_id, settings=self.settings)
+            if lm is None:
+                raise HarnessError(f"no plugin could load model {model_id!r}")
+            self.models[model_id] = lm
+            self.timings["load_model"] = self.timings.get("load_model", 0.0) + time.perf_counter() - t0
+        return self.models[model_id]
+
+
+@dataclass
+class RunResult:
+    trait: TraitSpec
+    run_dir: Path
+    generations: list[Generation]
+    judgments: list[Judgment]
+    selection: Selection | None
+    vectors: VectorSet | None
+    summary: dict
+
+
+def build_requests(trait: TraitSpec, s: Settings, splits: Iterable[str] | None = None) -> list[GenerationRequest]:
+    """Every question x instruction pair x sample x polarity, in a fixed order."""
+    out = []
+    pos_name = s.pos_name or trait.name
+    for split in splits or s.splits:
+        for qi, q in enumerate(trait.questions_for(split)):  # type: ignore[arg-type]
+            for k, pair in enumerate(trait.instructions):
+                for si in range(s.n_per_question):
+                    for pol, name, ins in (("pos", pos_name, pair.pos), ("neg", s.neg_name, pair.neg)):
+                        out.append(GenerationRequest(
+                            id=f"{trait.name}_{split}_{qi}_{pol}_{k}_{si}", trait=trait.name, split=split,
+                            polarity=pol, question_index=qi, question=q, instruction_index=k, sample_index=si,
+                            system_prompt=system_prompt(name, ins), temperature=s.temperature, top_p=s.top_p,
+                            max_new_tokens=s.max_new_tokens, seed=s.seed))
+    return out
+
+
+def _bar(ctx: RunContext, total: int, desc: str):
+    if not ctx.settings.progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, leave=False)
+
+
+def _component_config(obj: Any) -> dict:
+    cfg = getattr(obj, "config", None)
+    return cfg() if callable(cfg) else {}
+
+
+def run_generate(ctx: RunContext, requests: Sequence[GenerationRequest], generator) -> list[Generation]:
+    s = ctx.settings
+    assert ctx.cache is not None
+    keys = {r.id: cache_key("generate", generator=generator.name, config=_component_config(generator),
+                            model=s.model, messages=r.messages, temperature=r.temperature, top_p=r.top_p,
+                            max_new_tokens=r.max_new_tokens, seed=r.seed, id=r.id)
+            for r in requests}
+    cached = ctx.cache.get_many(keys.values())
+    done: dict[str, Generation] = {}
+    for r in requests:
+        v = cached.get(keys[r.id])
+        if v is not None:
+            done[r.id] = Generation.from_dict({**v, "cache_key": keys[r.id]})
+    todo = [r for r in requests if r.id not in done]
+    ctx.timings["generate_cached"] = len(done)
+    if todo:
+        needs_model = getattr(generator, "needs_model", True)
+        lm = ctx.model() if needs_model else None
+        bs = generator.batch_size(lm) if hasattr(generator, "batch_size") else (s.batch_size or 32)
+        todo.sort(key=lambda r: (r.temperature, r.top_p, len(r.system_prompt) + len(r.question)))
+        bar = _bar(ctx, len(todo), "generate")
+        i = 0
+        while i < len(todo):
+            chunk = todo[i: i + bs]
+            chunk = [r for r in chunk if (r.temperature, r.top_p) == (chunk[0].temperature, chunk[0].top_p)]
+            gens = generator.generate(chunk, ctx)
+            ctx.cache.put_many("generate", [(keys[g.id], g.to_dict()) for g in gens])
+            for g in gens:
+                done[g.id] = Generation.from_dict({**g.to_dict(), "cache_key": keys[g.id]})
+            i += len(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+    return [done[r.id] for r in requests]
+
+
+def run_judge(ctx: RunContext, trait: TraitSpec, gens: Sequence[Generation], judge) -> list[Judgment]:
+    s = ctx.settings
+    assert ctx.cache is not None
+    items = judge_items(trait.name, trait.eval_prompt, list(gens))
+    jmodel = getattr(judge, "model_id", "") or s.judge_model
+    cfg = _component_config(judge)
+    keys = [cache_key("judge", judge=judge.name, judge_model=jmodel, config=cfg, metric=it.metric, prompt=it.prompt)
+            for it in items]
+    cached = ctx.cache.get_many(keys)
+    results: dict[int, Judgment] = {}
+    for i, k in enumerate(keys):
+        if k in cached:
+            results[i] = Judgment.from_dict({**cached[k], "cache_key": k})
+    todo = [i for i in range(len(items)) if i not in results]
+    ctx.timings["judge_cached"] = len(results)
+    if todo:
+        bs = getattr(judge, "batch_size", None) or s.judge_batch_size
+        # judge similar-length prompts together
+        todo.sort(key=lambda i: len(items[i].prompt))
+        bar = _bar(ctx, len(todo), "judge")
+        for a in range(0, len(todo), bs):
+            idx = todo[a: a + bs]
+            js = judge.judge([items[i] for i in idx], ctx)
+            if len(js) != len(idx):
+                raise HarnessError(f"judge {judge.name!r} returned {len(js)} judgments for {len(idx)} items")
+            ctx.cache.put_many("judge", [(keys[i], j.to_dict()) for i, j in zip(idx, js)])
+            for i, j in zip(idx, js):
+                results[i] = Judgment.from_dict({**j.to_dict(), "cache_key": keys[i]})
+            if bar is not None:
+                bar.update(len(idx))
+        if bar is not None:
+            bar.close()
+    return [results[i] for i in range(len(items))]
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def score_summary(trait: TraitSpec, gens: Sequence[Generation], judgments: Sequence[Judgment], split: str = "extract") -> dict:
+    pol = {g.id: g.polarity for g in gens if g.split == split}
+    out: dict[str, Any] = {}
+    for metric in (trait.name, COHERENCE):
+        for p in ("pos", "neg"):
+            xs = [j.score for j in judgments if j.metric == metric and pol.get(j.generation_id) == p and j.score is not None]
+            out[f"{'trait' if metric == trait.name else 'coherence'}_{p}_mean"] = _mean(xs)  # type: ignore[arg-type]
+    reasons: dict[str, int] = {}
+    for j in judgments:
+        if j.score is None and j.generation_id in pol:
+            reasons[j.reason or "unknown"] = reasons.get(j.reason or "unknown", 0) + 1
+    out["unscored"] = reasons
+    return out
+
+
+def norm_peak(vs: VectorSet, method: str = "response_avg_diff") -> dict:
+    """Layer of max ||v[l]|| among 1..L-1; index L (after the final norm) is reported apart."""
+    v = vs.tensors[method]
+    norms = v.float().norm(dim=-1).tolist()
+    L = len(norms) - 1
+    inner = list(range(1, L)) if L > 1 else list(range(len(norms)))
+    peak = max(inner, key=lambda i: norms[i])
+    return {"method": method, "peak_layer": peak, "num_layers": L, "relative_depth": peak / L if L else 0.0,
+            "norms": [round(x, 6) for x in norms], "final_norm_index": L}
+
+
+def run_trait(trait: str | TraitSpec, settings: Settings | None = None, *, pm=None, ctx: RunContext | None = None,
+              stages: Sequence[str] = STAGES, splits: Sequence[str] | None = None) -> RunResult:
+    """Run the pipeline for one trait and write its run directory."""
+    s = settings or Settings()
+    pm = pm or get_plugin_manager(modules=s.plugins)
+    t_start = time.perf_counter()
+    if isinstance(trait, str):
+        safe_name(trait)
+        spec = pm.hook.harness_load_trait(name=trait, settings=s)
+        if spec is None:
+            known = sorted({n for ns in pm.hook.harness_list_traits(settings=s) for n in (ns or [])})
+            from .errors import UnknownComponentError
+
+            raise UnknownComponentError("trait", trait, known)
+    else:
+        spec = trait
+    safe_name(spec.name)
+    splits = tuple(splits or s.splits)
+    run_dir = Path(s.out_dir) if s.out_dir else Path("runs") / slug(s.model) / spec.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = ctx or RunContext(settings=s, pm=pm)
+    ctx.trait, ctx.run_dir = spec, run_dir
+    ctx.cache = ctx.cache or Cache(s.cache_dir)
+    pm.hook.harness_run_started(run=ctx)
+    gens: list[Generation] = []
+    judgments: list[Judgment] = []
+    selection: Selection | None = None
+    vectors: VectorSet | None = None
+    reg = {k: build_registry(pm, k) for k in ("generator", "judge", "filter", "extractor")}
+    components: dict[str, str] = {}
+
+    def timed(stage: str, fn):
+        t0 = time.perf_counter()
+        r = fn()
+        ctx.timings[stage] = round(time.perf_counter() - t0, 3)
+        return r
+
+    if "generate" in stages:
+        generator = reg["generator"].create(s.generator, s)
+        components["generator"] = s.generator
+        requests = build_requests(spec, s, splits)
+        gens = timed("generate", lambda: run_generate(ctx, requests, generator))
+        write_jsonl(run_dir / "generations.jsonl", [g.to_dict() for g in gens])
+        pm.hook.harness_stage_finished(run=ctx, stage="generate", records=gens)
+    if "judge" in stages:
+        judge = reg["judge"].create(s.judge, s)
+        components["judge"] = s.judge
+        judgments = timed("judge", lambda: run_judge(ctx, spec, gens, judge))
+        write_jsonl(run_dir / "judgments.jsonl", [j.to_dict() for j in judgments])
+        pm.hook.harness_stage_finished(run=ctx, stage="judge", records=judgments)
+    if "filter" in stages:
+        filt = reg["filter"].create(s.filter, s)
+        components["filter"] = s.filter
+        ex_gens = [g for g in gens if g.split == "extract"]
+        selection = timed("filter", lambda: filt.select(spec, ex_gens, judgments))
+        atomic_write_json(run_dir / "selection.json", selection.to_dict())
+        pm.hook.harness_stage_finished(run=ctx, stage="filter", records=[selection])
+    if "extract" in stages:
+        assert selection is not None
+        if not selection.pairs:
+            summary = _summary(spec, s, gens, judgments, selection, None, run_dir)
+            _write_run_json(run_dir, s, pm, spec, components, ctx, summary, t_start, status="failed: no effective pairs")
+            raise NoEffectivePairsError(
+                f"{spec.name}: the filter kept 0 of {selection.candidates} pairs "
+                f"(dropped: {selection.dropped}); no vector was written. Fix: lower --trait-threshold/"
+                "--coherence-threshold, use a stronger judge, or generate more samples (--n-per-question)")
+        extractor = reg["extractor"].create(s.extractor, s)
+        components["extractor"] = s.extractor
+        byid = {g.id: g for g in gens}
+        pos = [byid[i] for i in selection.pos_ids]
+        neg = [byid[i] for i in selection.neg_ids]
+        vectors = timed("extract", lambda: extractor.extract(spec, pos, neg, ctx))
+        vectors.metadata.update({"method_default": "response_avg_diff", "pairs": len(selection.pairs),
+                                 "candidates": selection.candidates, "trait_hash": spec.hash,
+                                 "harness_version": __version__})
+        save_vectors(run_dir / "vectors.safetensors", vectors)
+        pm.hook.harness_stage_finished(run=ctx, stage="extract", records=[vectors])
+    summary = _summary(spec, s, gens, judgments, selection, vectors, run_dir)
+    _write_run_json(run_dir, s, pm, spec, components, ctx, summary, t_start)
+    pm.hook.harness_run_finished(run=ctx, summary=summary)
+    return RunResult(spec, run_dir, gens, judgments, selection, vectors, summary)
+
+
+def _summary(spec, s, gens, judgments, selection, vectors, run_dir) -> dict:
+    summary: dict[str, Any] = {"trait": spec.name, "model": s.model, "profile": s.profile_applied}
+    summary["generations"] = len(gens)
+    summary["empty_responses"] = sum(1 for g in gens if not g.response_token_ids)
+    summary["judgments"] = len(judgments)
+    if judgments:
+        summary.update(score_summary(spec, gens, judgments))
+        if any(g.split == "eval" for g in gens):
+            summary["eval"] = score_summary(spec, gens, judgments, "eval")
+    if selection is not None:
+        summary["pairs_kept"] = len(selection.pairs)
+        summary["pairs_candidates"] = selection.candidates
+        summary["dropped"] = selection.dropped
+    if vectors is not None:
+        summary["norm_peak"] = norm_peak(vectors)
+        summary["n_pos"], summary["n_neg"] = vectors.n_pos, vectors.n_neg
+    summary["files"] = {n: str(run_dir / n) for n in ("run.json", "generations.jsonl", "judgments.jsonl",
+                                                     "selection.json", "vectors.safetensors")
+                        if (run_dir / n).exists() or n == "run.json"}
+    return summary
+
+
+def _write_run_json(run_dir, s, pm, spec, components, ctx, summary, t_start, status="ok") -> None:
+    cache = ctx.cache
+    lm = next(iter(ctx.models.values()), None)
+    header = {
+        "format": "persona-harness-run/1",
+        "status": status,
+        "harness_version": __version__,
+        "trait": {"name": spec.name, "source": spec.source, "eval_source": spec.eval_source, "hash": spec.hash},
+        "model": {"id": s.model, **({"class": lm.info.get("class"), "num_layers": lm.num_layers,
+                                     "hidden_size": lm.hidden_size, "device": str(lm.device), "dtype": str(lm.dtype)}
+                                    if lm is not None else {})},
+        "components": components,
+        "config": {k: v for k, v in s.to_dict().items()},
+        "plugins": plugin_info(pm),
+        "layer_convention": LAYER_CONVENTION,
+        "counts": {"generations": summary.get("generations", 0), "judgments": summary.get("judgments", 0),
+                   "pairs_kept": summary.get("pairs_kept"), "cache_hits": cache.hits if cache else 0,
+                   "cache_misses": cache.misses if cache else 0},
+        "timings": {**ctx.timings, "total": round(time.perf_counter() - t_start, 3)},
+        "environment": {"python": platform.python_version(), "platform": platform.platform()},
+        "summary": summary,
+    }
+    atomic_write_json(run_dir / "run.json", header)

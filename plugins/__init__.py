@@ -1,0 +1,1 @@
+"""Built-in persona-harness plugins (imported as ``harness_plugins``)."""

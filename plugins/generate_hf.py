@@ -1,0 +1,107 @@
+"""HF transformers generator: batched, left-padded, seeded per request.
+
+Sampling uses ``harness.sampling`` (Gumbel-max with counter-based noise) inside HF ``generate``
+through a logits processor, so a request's tokens depend on its seed and id only, not on the
+batch it lands in. At temperature 0 it is plain greedy ``generate``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from harness.hookspecs import hookimpl
+from harness.modeling import end_token_ids, prompt_ids
+from harness.records import Generation, GenerationRequest
+from harness.sampling import row_seed
+
+
+def _make_processor(seeds, prompt_len: int, temperature: float, top_p: float):
+    import torch
+    from transformers import LogitsProcessor
+
+    from harness.sampling import sample_tokens
+
+    class SeededSampler(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            step = input_ids.shape[1] - prompt_len
+            tok = sample_tokens(scores, seeds, step, temperature, top_p)
+            out = torch.full_like(scores, float("-inf"))
+            out.scatter_(1, tok[:, None], 0.0)
+            return out
+
+    return SeededSampler()
+
+
+def split_response(ids: list[int], end_ids: set[int], pad_id: int | None) -> tuple[list[int], str]:
+    """Cut generated ids at the first end-of-turn token; return (ids, finish_reason)."""
+    for i, t in enumerate(ids):
+        if t in end_ids:
+            return ids[:i], "stop"
+    if pad_id is not None:
+        while ids and ids[-1] == pad_id and pad_id in end_ids:
+            ids = ids[:-1]
+    return ids, "length"
+
+
+class HFGenerator:
+    name = "hf"
+    needs_model = True
+
+    def __init__(self, settings: Any):
+        self.settings = settings
+
+    def batch_size(self, lm) -> int:
+        if self.settings.batch_size:
+            return self.settings.batch_size
+        return 64 if lm.device.type == "cpu" else 256
+
+    def generate(self, requests: Sequence[GenerationRequest], ctx) -> list[Generation]:
+        import torch
+        from transformers import GenerationConfig
+
+        lm = ctx.model()
+        tok, model = lm.tokenizer, lm.model
+        ends = end_token_ids(tok, model)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else ends[0]
+        prompts = [prompt_ids(tok, r.messages) for r in requests]
+        P = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), P), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), P), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):] = torch.tensor(p)
+            mask[i, P - len(p):] = 1
+        temps = {r.temperature for r in requests}
+        tps = {r.top_p for r in requests}
+        if len(temps) != 1 or len(tps) != 1:
+            raise ValueError("one generate() call needs one temperature and top_p")
+        temperature, top_p = temps.pop(), tps.pop()
+        max_new = max(r.max_new_tokens for r in requests)
+        gc = GenerationConfig(max_new_tokens=max_new, do_sample=False, num_beams=1,
+                              eos_token_id=ends, pad_token_id=pad)
+        procs = []
+        if temperature > 0:
+            seeds = torch.tensor([row_seed(r.seed, r.id) for r in requests], dtype=torch.int64, device=lm.device)
+            procs.append(_make_processor(seeds, P, temperature, top_p))
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                                 generation_config=gc, logits_processor=procs)
+        self.last_seconds = time.perf_counter() - t0
+        gen = out[:, P:].tolist()
+        result = []
+        for r, p, g in zip(requests, prompts, gen):
+            resp, finish = split_response(g[: r.max_new_tokens], set(ends), pad)
+            result.append(Generation(
+                id=r.id, trait=r.trait, split=r.split, polarity=r.polarity, question_index=r.question_index,
+                question=r.question, instruction_index=r.instruction_index, sample_index=r.sample_index,
+                system_prompt=r.system_prompt, response=tok.decode(resp, skip_special_tokens=True),
+                response_token_ids=tuple(resp), prompt_token_ids=tuple(p), finish_reason=finish,
+                model_id=lm.model_id, generator=self.name,
+            ))
+        return result
+
+
+@hookimpl
+def harness_register_generators(register):
+    register("hf", HFGenerator, description="transformers generate, batched, seeded per request")

@@ -1,0 +1,162 @@
+"""Local judge (offline default): an HF causal LM scores in-process.
+
+Score = expected value of the number 0..100 the judge would write, where each number's
+probability is that of its *full token sequence* followed by a non-digit token:
+
+    P(n) = P(t1) * P(t2 | t1) * ... * P(not a digit | t1..tk)
+
+so it works for tokenizers that split numbers into digits (Qwen, Llama, SmolLM2). All 101
+numbers share one prompt forward (KV cache) plus one forward of a token trie of the numbers
+(one token per number for digit tokenizers) under a tree attention mask.
+
+Unscored (``score=None``) when the judge puts more probability on the first token of
+"REFUSAL" than on all numbers together (reason ``refusal``), or when the numbers' total
+probability is below ``min_mass`` (reason ``low_mass``; the paper's 0.25 by default).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from harness.hookspecs import hookimpl
+from harness.modeling import cache_kwarg, output_cache, prompt_ids
+from harness.records import JudgeItem, Judgment
+
+LO, HI = 0, 100
+
+
+class NumberTrie:
+    """Token trie of the numbers LO..HI. Node 0 is the root (the prompt)."""
+
+    def __init__(self, tok):
+        self.parent: list[int] = [-1]
+        self.token: list[int] = [-1]
+        self.depth: list[int] = [0]
+        children: dict[tuple[int, int], int] = {}
+        self.number_node: dict[int, int] = {}
+        for n in range(LO, HI + 1):
+            node = 0
+            for t in tok.encode(str(n), add_special_tokens=False):
+                key = (node, int(t))
+                if key not in children:
+                    children[key] = len(self.parent)
+                    self.parent.append(node)
+                    self.token.append(int(t))
+                    self.depth.append(self.depth[node] + 1)
+                node = children[key]
+            self.number_node[n] = node
+        self.n = len(self.parent) - 1  # non-root nodes
+        pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+        texts = [tok.convert_tokens_to_string([p]) if p is not None else "" for p in pieces]
+        self.digit_start = [bool(t) and t[0].isdigit() for t in texts]
+        ref = tok.encode("REFUSAL", add_special_tokens=False)
+        self.refusal_token = int(ref[0]) if ref else None
+
+    def ancestors(self):
+        """[n, n] bool: node i (row) may attend to node j (col) — j is i or an ancestor."""
+        import torch
+
+        m = torch.zeros(self.n, self.n, dtype=torch.bool)
+        for i in range(1, self.n + 1):
+            j = i
+            while j > 0:
+                m[i - 1, j - 1] = True
+                j = self.parent[j]
+        return m
+
+
+def number_distribution(model, tok, trie: NumberTrie, prompts: list[list[int]], device) -> tuple[Any, Any]:
+    """Return (P(n) for n in LO..HI as [B, 101], P(first REFUSAL token) [B])."""
+    import torch
+
+    B = len(prompts)
+    P = max(len(p) for p in prompts)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((B, P), pad, dtype=torch.long)
+    mask = torch.zeros((B, P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    root = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
+    N = trie.n
+    tree_ids = torch.tensor(trie.token[1:], device=device).expand(B, N)
+    depth = torch.tensor(trie.depth[1:], device=device)
+    lens = mask.sum(-1)
+    tree_pos = (lens[:, None] - 1) + depth[None, :]
+    dtype = next(model.parameters()).dtype
+    neg = torch.finfo(dtype).min
+    allowed = torch.cat([mask.bool()[:, None, :].expand(B, N, P), trie.ancestors().to(device)[None].expand(B, N, N)], -1)
+    mask4 = torch.zeros(B, 1, N, P + N, dtype=dtype, device=device).masked_fill(~allowed[:, None], neg)
+    out2 = model(input_ids=tree_ids, attention_mask=mask4, position_ids=tree_pos,
+                 use_cache=True, **{cache_kwarg(model): output_cache(out)})
+    node_lp = torch.log_softmax(out2.logits.float(), dim=-1)  # [B, N, V]
+    all_lp = torch.cat([root[:, None], node_lp], 1)  # index by node id
+    digit = torch.tensor(trie.digit_start, device=device)
+    if digit.numel() < all_lp.shape[-1]:
+        digit = torch.cat([digit, torch.zeros(all_lp.shape[-1] - digit.numel(), dtype=torch.bool, device=device)])
+    p_cont = all_lp.exp()[..., : digit.numel()][..., digit].sum(-1)  # [B, N+1]
+    p_end = (1 - p_cont).clamp(min=0)
+    # log P(path to node)
+    path_lp = torch.zeros(B, N + 1, device=device)
+    for node in range(1, N + 1):
+        path_lp[:, node] = path_lp[:, trie.parent[node]] + all_lp[:, trie.parent[node], trie.token[node]]
+    nodes = torch.tensor([trie.number_node[n] for n in range(LO, HI + 1)], device=device)
+    probs = path_lp[:, nodes].exp() * p_end[:, nodes]
+    p_ref = root[:, trie.refusal_token].exp() if trie.refusal_token is not None else torch.zeros(B, device=device)
+    return probs, p_ref
+
+
+def score_from_distribution(probs: Sequence[float], p_refusal: float, min_mass: float) -> tuple[float | None, str | None, dict]:
+    """Expected score, or (None, reason). ``probs[k]`` = P(number LO + k)."""
+    mass = float(sum(probs))
+    top = sorted(range(len(probs)), key=lambda k: -probs[k])[:5]
+    detail = {"mass": round(mass, 6), "p_refusal": round(float(p_refusal), 6),
+              "top": [[LO + k, round(float(probs[k]), 6)] for k in top]}
+    if p_refusal > mass:
+        return None, "refusal", detail
+    if mass <= 0 or mass < min_mass or not math.isfinite(mass):
+        return None, "low_mass", detail
+    score = sum((LO + k) * p for k, p in enumerate(probs)) / mass
+    return float(min(max(score, 0.0), 100.0)), None, detail
+
+
+class LocalJudge:
+    name = "local"
+
+    def __init__(self, settings: Any):
+        self.settings = settings
+        self.min_mass = settings.judge_min_mass if settings.judge_min_mass >= 0 else 0.25
+        self._trie = None
+
+    @property
+    def model_id(self) -> str:
+        return self.settings.judge_model or self.settings.model
+
+    def config(self) -> dict:
+        return {"min_mass": self.min_mass, "method": "full-sequence-expectation/1"}
+
+    def judge(self, items: Sequence[JudgeItem], ctx) -> list[Judgment]:
+        import torch
+
+        lm = ctx.model(self.model_id)
+        if self._trie is None:
+            self._trie = NumberTrie(lm.tokenizer)
+        prompts = [prompt_ids(lm.tokenizer, [{"role": "user", "content": it.prompt}]) for it in items]
+        with torch.inference_mode():
+            probs, p_ref = number_distribution(lm.model, lm.tokenizer, self._trie, prompts, lm.device)
+        probs, p_ref = probs.cpu().tolist(), p_ref.cpu().tolist()
+        out = []
+        for it, pr, rf in zip(items, probs, p_ref):
+            score, reason, detail = score_from_distribution(pr, rf, self.min_mass)
+            out.append(Judgment(generation_id=it.generation_id, metric=it.metric, score=score, reason=reason,
+                                judge=self.name, judge_model=lm.model_id, detail=detail))
+        return out
+
+
+@hookimpl
+def harness_register_judges(register):
+    register("local", LocalJudge, description="in-process HF judge: expected score over full number sequences")
