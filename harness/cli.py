@@ -188,7 +188,7 @@ def build_parser(pm=None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="persona-harness", description="Extract and check persona vectors.")
     p.add_argument("--version", action="version", version=f"persona-harness {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    r = sub.add_parser("run", help="run trait -> generate -> judge -> filter -> extract")
+    r = sub.add_parser("run", help="run trait -> generate -> judge -> filter -> extract", allow_abbrev=False)
     r.add_argument("--trait", action="append", help="trait name (repeatable)")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_settings_arguments(r)

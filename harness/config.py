@@ -180,4 +180,9 @@ def load_settings(
             raise ConfigError(f"unknown setting {name!r}")
         values[name] = _coerce(name, value, f"--{name.replace('_', '-')}")
         explicit.add(name)
+    env_name = str(values.get("judge_api_key_env", "OPENAI_API_KEY"))
+    if env_name and (not env_name.replace("_", "a").isalnum() or not env_name.isascii() or env_name[:1].isdigit()):
+        # never echo the value: it may be a key typed in the wrong place
+        raise ConfigError("judge_api_key_env must be the NAME of an environment variable (letters, digits, '_'), "
+                          "not the key itself. Fix: export MY_JUDGE_KEY=...; then --judge-api-key-env MY_JUDGE_KEY")
     return apply_profile(Settings(**values), explicit)

@@ -6,18 +6,23 @@ batch finishes, so an interrupted run resumes and an identical rerun recomputes 
 
 from __future__ import annotations
 
+import itertools
 import platform
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from . import __version__
-from .artifacts import atomic_write_json, save_vectors, write_jsonl
+from .artifacts import append_jsonl, atomic_write_json, read_jsonl, save_vectors, write_jsonl
+from .activations import NonFiniteActivationError
+from .batching import run_with_oom_halving
 from .cache import Cache, cache_key
 from .config import Settings
+from . import distributed as _dist
 from .errors import HarnessError, NoEffectivePairsError
 from .modeling import system_prompt
 from .plugins import build_registry, get_plugin_manager, plugin_info
@@ -103,6 +108,39 @@ def _bar(ctx: RunContext, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, leave=False)
 
 
+def _journal_path(ctx: RunContext, stage: str) -> Path | None:
+    """Per-batch journal of an unfinished stage (flushed appends); removed when the stage ends."""
+    name = {"generate": "generations", "judge": "judgments"}.get(stage, stage)
+    return None if ctx.run_dir is None else Path(ctx.run_dir) / f"{name}.partial.jsonl"
+
+
+def _journal_recover(ctx: RunContext, stage: str, wanted: set[str]) -> dict[str, dict]:
+    """Finished records of an interrupted stage, by cache key, from its journal.
+
+    A torn last line (the process died mid-append) is dropped with a warning. The journal is then
+    rewritten atomically with the records kept, so later appends never follow a torn line.
+    """
+    path = _journal_path(ctx, stage)
+    if path is None or not path.exists():
+        return {}
+    try:
+        recs = {r["cache_key"]: r for r in read_jsonl(path) if isinstance(r, dict) and r.get("cache_key") in wanted}
+    except (HarnessError, UnicodeDecodeError, OSError) as e:
+        warnings.warn(f"{path}: unreadable journal ignored ({e}); its records are recomputed")
+        recs = {}
+    write_jsonl(path, recs.values())
+    if recs and ctx.cache is not None:
+        ctx.cache.put_many(stage, list(recs.items()))
+    ctx.timings[f"{stage}_recovered"] = len(recs)
+    return recs
+
+
+def _journal_close(ctx: RunContext, stage: str) -> None:
+    path = _journal_path(ctx, stage)
+    if path is not None and path.exists():
+        path.unlink()
+
+
 def _component_config(obj: Any) -> dict:
     cfg = getattr(obj, "config", None)
     return cfg() if callable(cfg) else {}
@@ -121,25 +159,35 @@ def run_generate(ctx: RunContext, requests: Sequence[GenerationRequest], generat
         v = cached.get(keys[r.id])
         if v is not None:
             done[r.id] = Generation.from_dict({**v, "cache_key": keys[r.id]})
-    todo = [r for r in requests if r.id not in done]
     ctx.timings["generate_cached"] = len(done)
+    recovered = _journal_recover(ctx, "generate", {keys[r.id] for r in requests if r.id not in done})
+    for r in requests:
+        if r.id not in done and keys[r.id] in recovered:
+            done[r.id] = Generation.from_dict(recovered[keys[r.id]])
+    todo = [r for r in requests if r.id not in done]
     if todo:
         needs_model = getattr(generator, "needs_model", True)
         lm = ctx.model() if needs_model else None
         bs = generator.batch_size(lm) if hasattr(generator, "batch_size") else (s.batch_size or 32)
         todo.sort(key=lambda r: (r.temperature, r.top_p, len(r.system_prompt) + len(r.question)))
         bar = _bar(ctx, len(todo), "generate")
-        i = 0
-        while i < len(todo):
-            chunk = todo[i: i + bs]
-            chunk = [r for r in chunk if (r.temperature, r.top_p) == (chunk[0].temperature, chunk[0].top_p)]
+        journal = _journal_path(ctx, "generate")
+
+        def step(chunk: list[GenerationRequest]) -> list[Generation]:
             gens = generator.generate(chunk, ctx)
-            ctx.cache.put_many("generate", [(keys[g.id], g.to_dict()) for g in gens])
-            for g in gens:
-                done[g.id] = Generation.from_dict({**g.to_dict(), "cache_key": keys[g.id]})
-            i += len(chunk)
+            recs = [{**g.to_dict(), "cache_key": keys[g.id]} for g in gens]
+            ctx.cache.put_many("generate", [(keys[g.id], g.to_dict()) for g in gens])  # type: ignore[union-attr]
+            if journal is not None:
+                append_jsonl(journal, recs)
+            for rec in recs:
+                done[rec["id"]] = Generation.from_dict(rec)
             if bar is not None:
                 bar.update(len(chunk))
+            return gens
+
+        # one generate() call needs one temperature and top_p; OOM halves the batch (harness.batching)
+        for _, group in itertools.groupby(todo, key=lambda r: (r.temperature, r.top_p)):
+            run_with_oom_halving(step, list(group), bs)
         if bar is not None:
             bar.close()
     return [done[r.id] for r in requests]
@@ -155,26 +203,40 @@ def run_judge(ctx: RunContext, trait: TraitSpec, gens: Sequence[Generation], jud
             for it in items]
     cached = ctx.cache.get_many(keys)
     results: dict[int, Judgment] = {}
+    # identical prompts share a key: the generation id always comes from the item, never the cache
     for i, k in enumerate(keys):
         if k in cached:
-            results[i] = Judgment.from_dict({**cached[k], "cache_key": k})
-    todo = [i for i in range(len(items)) if i not in results]
+            results[i] = Judgment.from_dict({**cached[k], "generation_id": items[i].generation_id, "cache_key": k})
     ctx.timings["judge_cached"] = len(results)
+    recovered = _journal_recover(ctx, "judge", {keys[i] for i in range(len(items)) if i not in results})
+    for i, k in enumerate(keys):
+        if i not in results and k in recovered:
+            results[i] = Judgment.from_dict({**recovered[k], "generation_id": items[i].generation_id})
+    todo = [i for i in range(len(items)) if i not in results]
     if todo:
         bs = getattr(judge, "batch_size", None) or s.judge_batch_size
-        # judge similar-length prompts together
-        todo.sort(key=lambda i: len(items[i].prompt))
+        # judge one metric (one rubric: a long shared prefix) and similar lengths together
+        todo.sort(key=lambda i: (items[i].metric, len(items[i].prompt)))
         bar = _bar(ctx, len(todo), "judge")
-        for a in range(0, len(todo), bs):
-            idx = todo[a: a + bs]
+        journal = _journal_path(ctx, "judge")
+
+        def step(idx: list[int]) -> list[Judgment]:
             js = judge.judge([items[i] for i in idx], ctx)
             if len(js) != len(idx):
                 raise HarnessError(f"judge {judge.name!r} returned {len(js)} judgments for {len(idx)} items")
-            ctx.cache.put_many("judge", [(keys[i], j.to_dict()) for i, j in zip(idx, js)])
-            for i, j in zip(idx, js):
-                results[i] = Judgment.from_dict({**j.to_dict(), "cache_key": keys[i]})
+            recs = [{**j.to_dict(), "cache_key": keys[i]} for i, j in zip(idx, js)]
+            # a transient failure (timeout, connection, 429/5xx after retries) is not cached: a rerun asks again
+            keep = [n for n, j in enumerate(js) if not (j.score is None and j.detail.get("transient"))]
+            ctx.cache.put_many("judge", [(keys[idx[n]], js[n].to_dict()) for n in keep])  # type: ignore[union-attr]
+            if journal is not None:
+                append_jsonl(journal, [recs[n] for n in keep])
+            for i, rec in zip(idx, recs):
+                results[i] = Judgment.from_dict(rec)
             if bar is not None:
                 bar.update(len(idx))
+            return js
+
+        run_with_oom_halving(step, todo, bs)
         if bar is not None:
             bar.close()
     return [results[i] for i in range(len(items))]
@@ -229,6 +291,8 @@ def run_trait(trait: str | TraitSpec, settings: Settings | None = None, *, pm=No
     safe_name(spec.name)
     splits = tuple(splits or s.splits)
     run_dir = Path(s.out_dir) if s.out_dir else Path("runs") / slug(s.model) / spec.name
+    _dist.init()  # no-op unless launched by torchrun (WORLD_SIZE > 1)
+    run_dir = _dist.private_run_dir(run_dir)  # only rank 0 writes the real run directory
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = ctx or RunContext(settings=s, pm=pm)
     ctx.trait, ctx.run_dir = spec, run_dir
@@ -251,14 +315,16 @@ def run_trait(trait: str | TraitSpec, settings: Settings | None = None, *, pm=No
         generator = reg["generator"].create(s.generator, s)
         components["generator"] = s.generator
         requests = build_requests(spec, s, splits)
-        gens = timed("generate", lambda: run_generate(ctx, requests, generator))
+        gens = timed("generate", lambda: _dist.generate_sharded(ctx, requests, generator, run_generate))
         write_jsonl(run_dir / "generations.jsonl", [g.to_dict() for g in gens])
+        _journal_close(ctx, "generate")
         pm.hook.harness_stage_finished(run=ctx, stage="generate", records=gens)
     if "judge" in stages:
         judge = reg["judge"].create(s.judge, s)
         components["judge"] = s.judge
-        judgments = timed("judge", lambda: run_judge(ctx, spec, gens, judge))
+        judgments = timed("judge", lambda: _dist.on_main(lambda: run_judge(ctx, spec, gens, judge)))
         write_jsonl(run_dir / "judgments.jsonl", [j.to_dict() for j in judgments])
+        _journal_close(ctx, "judge")
         pm.hook.harness_stage_finished(run=ctx, stage="judge", records=judgments)
     if "filter" in stages:
         filt = reg["filter"].create(s.filter, s)
@@ -281,7 +347,12 @@ def run_trait(trait: str | TraitSpec, settings: Settings | None = None, *, pm=No
         byid = {g.id: g for g in gens}
         pos = [byid[i] for i in selection.pos_ids]
         neg = [byid[i] for i in selection.neg_ids]
-        vectors = timed("extract", lambda: extractor.extract(spec, pos, neg, ctx))
+        try:
+            vectors = timed("extract", lambda: _dist.extract(extractor, spec, pos, neg, ctx))
+        except NonFiniteActivationError as e:
+            summary = _summary(spec, s, gens, judgments, selection, None, run_dir)
+            _write_run_json(run_dir, s, pm, spec, components, ctx, summary, t_start, status="failed: non-finite activations")
+            raise HarnessError(f"{spec.name}: extraction stopped, no vector was written: {e}") from None
         vectors.metadata.update({"method_default": "response_avg_diff", "pairs": len(selection.pairs),
                                  "candidates": selection.candidates, "trait_hash": spec.hash,
                                  "harness_version": __version__})

@@ -24,9 +24,15 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "harness_plugins.traits_json",
     "harness_plugins.model_hf",
     "harness_plugins.generate_hf",
+    "harness_plugins.generate_fast",
     "harness_plugins.judge_local",
+    "harness_plugins.judge_openai",
+    "harness_plugins.trait_author",
     "harness_plugins.filter_threshold",
     "harness_plugins.extract_mean_diff",
+    "harness_plugins.extract_fast",
+    "harness_plugins.reference_cmd",
+    "harness_plugins.commands_vectors",
 )
 
 

@@ -1,11 +1,524 @@
-"""pytest plugin (entry point ``pytest11``): options for ``pytest traits/ --trait NAME``.
+"""pytest plugin (entry point ``pytest11: persona_harness``): ``pytest traits/ --trait NAME``.
 
-Kept import-light: nothing heavy is imported at pytest start.
+Adds the ``--trait`` option family, validates the selection in ``pytest_configure`` (an unknown
+trait is a usage error listing the known ones), parametrizes every test that requests the
+``trait`` fixture with the selected traits, provides session fixtures that run each pipeline
+stage at most once per trait (through the on-disk cache, so a rerun is fast), and reports the
+metrics: a per-trait table at the end of the run, JUnit XML properties and a JSON report.
+
+Kept import-light: pytest imports this module at every start wherever the package is installed,
+so torch, transformers and the harness pipeline are imported lazily, and nothing happens unless
+``--trait`` is given. Never also list it in ``pytest_plugins`` or pass ``-p harness.pytest_plugin``
+(the entry point already registers it; use ``-p persona_harness`` if autoload is disabled).
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+OPS = {">=": lambda x, t: x >= t, "in": lambda x, t: t[0] <= x <= t[1]}
+
+
+class _HookSpecs:
+    """Hooks this plugin adds to pytest (declared through ``pytest_addhooks``)."""
+
+    @pytest.hookspec(historic=True)
+    def pytest_harness_configure(self, pm, config):
+        """Called once the harness plugin manager exists; ``pm.register(...)`` your own components.
+
+        Historic: conftests loaded later (``traits/conftest.py``) are called at registration.
+        """
+
+
+def pytest_addhooks(pluginmanager):
+    pluginmanager.add_hookspecs(_HookSpecs)
+
 
 def pytest_addoption(parser):
-    g = parser.getgroup("persona-harness")
-    g.addoption("--trait", action="append", default=[], help="trait to check (repeatable)")
+    g = parser.getgroup("persona-harness", "persona-harness acceptance checks")
+    g.addoption("--trait", action="append", default=[], metavar="NAME",
+                help="trait to check (repeatable); tests requesting the 'trait' fixture run once per trait")
+    g.addoption("--model", default=None, help="model id (default from settings: 'smollm2', the embedded model)")
+    g.addoption("--judge", default=None, help="judge plugin name (default 'local')")
+    g.addoption("--judge-model", default=None, help="judge model (local: HF id/path; servers: model name)")
+    g.addoption("--judge-base-url", default=None, metavar="URL", help="OpenAI-compatible judge endpoint")
+    g.addoption("--harness-cache", default=None, metavar="DIR",
+                help="generation/judgment cache directory (default <rootdir>/.harness_cache)")
+    g.addoption("--harness-run-dir", default=None, metavar="DIR",
+                help="run directories go to DIR/<model>/<trait> (default <rootdir>/runs, as the CLI)")
+    g.addoption("--harness-traits-dir", action="append", default=[], metavar="DIR",
+                help="extra traits directory (repeatable; the ini key harness_traits_dir is searched too)")
+    g.addoption("--harness-report", default=None, metavar="PATH",
+                help="JSON report path (default <run-dir>/<model>/acceptance.json)")
+    g.addoption("--harness-config", default=None, metavar="TOML", help="persona-harness config file")
+    g.addoption("--harness-judge-eval", action="store_true",
+                help="also judge the evaluation split (adds its score gap to the report; doubles judging)")
+    g.addoption("--update-reference", action="store_true",
+                help="write the new vector as the trait's reference for this model before the regression check")
+    parser.addini("harness_traits_dir", "traits directory, relative to the rootdir", default="traits")
+    parser.addini("harness_run_dir", "run directory root, relative to the rootdir", default="runs")
+
+
+SESSION_KEY: Any = pytest.StashKey()
+
+
+@dataclass
+class CheckRecord:
+    trait: str
+    check: str
+    metrics: list = field(default_factory=list)
+    outcome: str = "not run"
+    message: str = ""
+
+
+@dataclass
+class HarnessSession:
+    """What the plugin keeps for one pytest session (in ``config.stash``)."""
+
+    config: Any
+    settings: Any
+    pm: Any
+    traits: list
+    run_root: Path
+    report_path: Path
+    update_reference: bool = False
+    judge_eval: bool = False
+    runs: dict = field(default_factory=dict)  # trait -> RunResult
+    contexts: dict = field(default_factory=dict)  # trait -> RunContext
+    checks: dict = field(default_factory=dict)  # (trait, check) -> CheckRecord
+    extra: dict = field(default_factory=dict)  # trait -> {key: value} for the report
+    started: float = field(default_factory=time.time)
+
+    def trait_settings(self, trait: str):
+        from .pipeline import slug
+
+        return self.settings.replace(out_dir=str(self.run_root / slug(self.settings.model) / trait))
+
+
+def _resolve(base: Path, p: str) -> Path:
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else base / q
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "acceptance: persona-harness acceptance check (uses --trait)")
+    traits = list(dict.fromkeys(config.getoption("trait") or []))
+    if not traits:
+        return  # no-op: nothing is imported or built without --trait
+    from .config import load_settings
+    from .errors import HarnessError
+    from .plugins import get_plugin_manager
+
+    root = Path(config.rootpath)
+    base = Path(config.inipath).parent if config.inipath else root
+    dirs = [str(_resolve(Path.cwd(), d)) for d in config.getoption("harness_traits_dir")]
+    ini_dir = _resolve(base, config.getini("harness_traits_dir") or "traits")
+    if ini_dir.is_dir():
+        dirs.append(str(ini_dir))
+    flags: dict[str, Any] = {"model": config.getoption("model"), "judge": config.getoption("judge"),
+                             "judge_model": config.getoption("judge_model"),
+                             "judge_base_url": config.getoption("judge_base_url"), "progress": False}
+    try:
+        settings = load_settings(flags, config_path=config.getoption("harness_config"), cwd=base)
+        settings = settings.replace(traits_dirs=tuple(dirs) + tuple(settings.traits_dirs))
+        opt_cache = config.getoption("harness_cache")  # options: relative to the working directory
+        cache = _resolve(Path.cwd(), opt_cache) if opt_cache else _resolve(base, settings.cache_dir)
+        settings = settings.replace(cache_dir=str(cache))
+        pm = get_plugin_manager(modules=settings.plugins)
+    except HarnessError as e:
+        raise pytest.UsageError(f"persona-harness: {e}") from None
+    config.hook.pytest_harness_configure.call_historic(kwargs=dict(pm=pm, config=config))
+    known = sorted({n for ns in pm.hook.harness_list_traits(settings=settings) for n in (ns or [])})
+    unknown = [t for t in traits if t not in known]
+    if unknown:
+        try:
+            from harness_plugins.traits_json import default_trait_dirs
+
+            where = [str(d) for d in default_trait_dirs(settings)]
+        except ImportError:  # pragma: no cover
+            where = [str(d) for d in settings.traits_dirs]
+        raise pytest.UsageError(
+            f"unknown trait(s) {unknown}; known: {known}. Traits are looked up in {where} "
+            "(add a folder with --harness-traits-dir or the harness_traits_dir ini key)")
+    opt_runs = config.getoption("harness_run_dir")
+    run_root = _resolve(Path.cwd(), opt_runs) if opt_runs else _resolve(base, config.getini("harness_run_dir") or "runs")
+    from .pipeline import slug
+
+    report = config.getoption("harness_report")
+    report_path = _resolve(Path.cwd(), report) if report else run_root / slug(settings.model) / "acceptance.json"
+    config.stash[SESSION_KEY] = HarnessSession(config, settings, pm, traits, run_root, report_path,
+                                               update_reference=bool(config.getoption("update_reference")),
+                                               judge_eval=bool(config.getoption("harness_judge_eval")))
+
+
+def _session(config) -> HarnessSession | None:
+    return config.stash.get(SESSION_KEY, None)
+
+
+def pytest_report_header(config):
+    hs = _session(config)
+    if hs is None:
+        return None
+    s = hs.settings
+    return (f"persona-harness: traits {', '.join(hs.traits)}; model {s.model} (profile {s.profile_applied}); "
+            f"judge {s.judge}{' @ ' + s.judge_base_url if s.judge_base_url else ''}; cache {s.cache_dir}; "
+            f"runs {hs.run_root}")
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrize tests that request the plugin's ``trait`` fixture with the selected traits."""
+    if "trait" not in metafunc.fixturenames:
+        return
+    fdefs = getattr(metafunc, "_arg2fixturedefs", {}).get("trait") or ()
+    if not fdefs or getattr(getattr(fdefs[-1], "func", None), "__module__", None) != __name__:
+        return  # the test (or a conftest) defines its own 'trait'
+    for m in metafunc.definition.iter_markers("parametrize"):
+        names = m.args[0] if m.args else ""
+        if "trait" in ([n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)):
+            return
+    hs = _session(metafunc.config)
+    if hs is not None:
+        metafunc.parametrize("trait", hs.traits, indirect=True, scope="session", ids=hs.traits)
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def harness_session(pytestconfig) -> HarnessSession:
+    """The plugin's session state: settings, plugin manager, selected traits, results."""
+    hs = _session(pytestconfig)
+    if hs is None:
+        pytest.skip("no --trait given: run e.g. 'pytest traits/ --trait sycophantic' "
+                    "('persona-harness traits' lists the known traits)")
+    return hs
+
+
+@pytest.fixture(scope="session")
+def trait(request, harness_session) -> str:
+    """The trait under test; the plugin parametrizes it with every ``--trait``."""
+    if not hasattr(request, "param"):
+        pytest.skip("no --trait given")
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def harness_settings(harness_session, trait):
+    """Settings for this trait's run (run directory <run-dir>/<model>/<trait>)."""
+    return harness_session.trait_settings(trait)
+
+
+@pytest.fixture(scope="session")
+def trait_spec(harness_session, trait):
+    """The ``TraitSpec`` (instruction pairs, extraction and evaluation questions, rubric, checks)."""
+    return harness_session.pm.hook.harness_load_trait(name=trait, settings=harness_session.settings)
+
+
+@pytest.fixture(scope="session")
+def trait_thresholds(harness_session, trait_spec) -> dict:
+    """Thresholds for this trait and model: checks.json ``default`` < the model's block."""
+    from .checks import thresholds_for
+
+    path = Path(trait_spec.source).parent / "checks.json" if trait_spec.source else "checks.json"
+    th = thresholds_for(trait_spec.checks, harness_session.settings.model, path)
+    harness_session.extra.setdefault(trait_spec.name, {})["thresholds"] = th
+    return th
+
+
+@pytest.fixture(scope="session")
+def trait_run(harness_session, trait_spec, harness_settings):
+    """Run the pipeline once per trait: generate -> judge -> filter -> extract on the extraction
+    split, plus generations of the evaluation split (for the AUROC check).
+
+    The eval split is only generated (its answers are not judged: no check uses those scores)
+    unless ``--harness-judge-eval`` is given, which runs ``run_trait(splits=("extract", "eval"))``
+    as one run and adds the eval-split score gap to the report. Everything goes through the
+    content-addressed cache, so a rerun only recomputes activations. When the filter keeps no
+    pair the result still has generations, judgments and selection (``vectors`` is None).
+    """
+    from .errors import NoEffectivePairsError
+    from .pipeline import RunContext, RunResult, run_trait
+
+    name = trait_spec.name
+    if name in harness_session.runs:
+        return harness_session.runs[name]
+    hs, s = harness_session, harness_settings
+    ctx = RunContext(settings=s, pm=hs.pm)
+    t0 = time.perf_counter()
+    main_splits = ("extract", "eval") if hs.judge_eval else ("extract",)
+    try:
+        res = run_trait(trait_spec, s, pm=hs.pm, ctx=ctx, splits=main_splits)
+        timings = dict(ctx.timings)
+    except NoEffectivePairsError:
+        timings = dict(ctx.timings)  # the failed run's timings; the rerun below is all cache hits
+        res = run_trait(trait_spec, s, pm=hs.pm, ctx=ctx, splits=main_splits, stages=("generate", "judge", "filter"))
+    if not hs.judge_eval and trait_spec.eval_questions:
+        ev_dir = Path(res.run_dir) / "eval_split"
+        ev = run_trait(trait_spec, s.replace(out_dir=str(ev_dir)), pm=hs.pm, ctx=ctx, splits=("eval",),
+                       stages=("generate",))
+        timings["generate_eval"] = ctx.timings.get("generate")
+        res = RunResult(res.trait, res.run_dir, [*res.generations, *ev.generations], res.judgments, res.selection,
+                        res.vectors, res.summary)
+    hs.runs[name] = res
+    hs.contexts[name] = ctx
+    ex = hs.extra.setdefault(name, {})
+    ex["run_dir"] = str(res.run_dir)
+    ex["timings"] = {**timings, "total": round(time.perf_counter() - t0, 3)}
+    return res
+
+
+@pytest.fixture(scope="session")
+def trait_generations(trait_run):
+    return trait_run.generations
+
+
+@pytest.fixture(scope="session")
+def trait_judgments(trait_run):
+    return trait_run.judgments
+
+
+@pytest.fixture(scope="session")
+def trait_selection(trait_run):
+    return trait_run.selection
+
+
+@pytest.fixture(scope="session")
+def trait_vectors(trait_run):
+    """The new ``VectorSet``; fails the test when the filter kept no effective pair."""
+    if trait_run.vectors is None:
+        pytest.fail(f"{trait_run.trait.name}: no vector was extracted (the filter kept 0 effective pairs; "
+                    f"dropped: {trait_run.selection.dropped if trait_run.selection else '?'})")
+    return trait_run.vectors
+
+
+@pytest.fixture(scope="session")
+def trait_vector(trait_vectors):
+    """The paper's vector (``response_avg_diff``), a ``[num_layers + 1, hidden]`` tensor."""
+    return trait_vectors.tensors["response_avg_diff"]
+
+
+@pytest.fixture(scope="session")
+def eval_activations(harness_session, trait_run) -> dict:
+    """Per-example response-mean activations of the eval split: ``{"pos": [n, L+1, H], "neg": ...}``.
+
+    Every eval-split generation with a non-empty response is used (no filtering: these questions
+    never took part in extraction). Cached in the run directory, keyed by the generations.
+    """
+    from .activations import example_means
+    from .records import content_hash
+
+    gens = [g for g in trait_run.generations if g.split == "eval" and g.response_token_ids]
+    if not gens:
+        pytest.fail(f"{trait_run.trait.name}: no eval-split generations (eval.json missing or all responses empty)")
+    s = harness_session.trait_settings(trait_run.trait.name)
+    key = content_hash({"model": s.model, "gens": [g.cache_key or g.id for g in gens], "method": "response_avg"})
+    path = Path(trait_run.run_dir) / "eval_activations.safetensors"
+    out: dict = {}
+    if path.exists():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                if (fh.metadata() or {}).get("key") == key:
+                    out = {k: fh.get_tensor(k) for k in ("pos", "neg")}
+        except Exception:
+            out = {}
+    if not out:
+        import torch
+        from safetensors.torch import save_file
+
+        ctx = harness_session.contexts.get(trait_run.trait.name)
+        if ctx is None:
+            from .pipeline import RunContext
+
+            ctx = harness_session.contexts[trait_run.trait.name] = RunContext(settings=s, pm=harness_session.pm)
+        lm = ctx.model()
+        for pol in ("pos", "neg"):
+            ex = [(g.prompt_token_ids, g.response_token_ids) for g in gens if g.polarity == pol]
+            chunks = [b["response_avg"].cpu() for b in example_means(lm, ex, s.extract_batch_size,
+                                                                     methods=("response_avg",))]
+            out[pol] = torch.cat(chunks, 0).contiguous()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(out, str(path), metadata={"key": key, "method": "response_avg", "split": "eval"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_vector(harness_session, trait_spec, trait_run):
+    """The stored reference (``traits/<name>/reference/<model>.safetensors``) or None.
+
+    With ``--update-reference`` the new vector is written there first.
+    """
+    from .checks import load_reference, reference_path, save_reference
+
+    path = reference_path(_trait_dir(trait_spec), harness_session.settings.model)
+    ex = harness_session.extra.setdefault(trait_spec.name, {})
+    ex["reference"] = str(path)
+    if harness_session.update_reference and trait_run.vectors is not None:
+        save_reference(path, trait_run.vectors, harness_session.trait_settings(trait_spec.name), trait_spec,
+                       trait_run.selection)
+        ex["reference_updated"] = True
+    if not path.exists():
+        return None
+    return load_reference(path)
+
+
+def _trait_dir(spec) -> Path:
+    src = Path(spec.source) if spec.source else Path("traits") / spec.name
+    return src.parent if src.name == "extract.json" else src.parent / spec.name
+
+
+class Acceptance:
+    """Records a check's metrics (JUnit XML property + summary table + JSON report)."""
+
+    def __init__(self, hs: HarnessSession, trait: str, check: str, record_property):
+        self.hs, self.trait, self.check, self._record = hs, trait, check, record_property
+        self.rec = hs.checks.setdefault((trait, check), CheckRecord(trait, check))
+        self.rec.metrics = []
+
+    def metric(self, name: str, value: Any, threshold: Any = None, op: str | None = None) -> bool:
+        """Record ``value`` (and its threshold); return whether it passes (True when no threshold)."""
+        passed = True if op is None or value is None and threshold is None else (
+            value is not None and bool(OPS[op](value, threshold)))
+        self.rec.metrics.append({"name": name, "value": value, "threshold": threshold, "op": op,
+                                 "passed": passed if op else None})
+        self._record(f"{self.trait}.{self.check}.{name}", value)
+        if op is not None:
+            self._record(f"{self.trait}.{self.check}.{name}.threshold", f"{op} {threshold}")
+        return passed
+
+    def info(self, key: str, value: Any) -> None:
+        """Extra data for the JSON report only (e.g. the per-layer AUROC table)."""
+        self.hs.extra.setdefault(self.trait, {})[key] = value
+
+
+@pytest.fixture
+def acceptance(request, harness_session, trait) -> Acceptance:
+    """Metric recorder for the current check; the check name is the test name minus ``test_``.
+
+    Metrics go to ``item.user_properties`` (what ``record_property`` does, without its xunit2
+    warning), which ``--junitxml`` writes as ``<property>`` elements of the test case.
+    """
+    node = request.node
+    return Acceptance(harness_session, trait, _check_name(node), lambda k, v: node.user_properties.append((k, v)))
+
+
+def _check_name(item) -> str:
+    name = getattr(item, "originalname", None) or item.name
+    return name[5:] if name.startswith("test_") else name
+
+
+# -- reporting ------------------------------------------------------------------------------------
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    hs = _session(item.config)
+    rec = None
+    if hs is not None and "acceptance" in getattr(item, "fixturenames", ()):
+        trait = getattr(getattr(item, "callspec", None), "params", {}).get("trait")
+        if trait is not None:
+            key = (trait, _check_name(item))
+            rec = hs.checks.setdefault(key, CheckRecord(*key))
+    if rec is not None and (report.when == "call" or report.outcome != "passed"):
+        rec.outcome = "xfailed" if hasattr(report, "wasxfail") and report.skipped else report.outcome
+        if report.failed:
+            crash = getattr(report.longrepr, "reprcrash", None)
+            rec.message = (crash.message if crash is not None else str(report.longrepr)).splitlines()[0][:300]
+        elif report.skipped and isinstance(report.longrepr, tuple):
+            rec.message = str(report.longrepr[2])[:300]
+    return report
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, float):
+        return f"{x:.3f}" if abs(x) < 10 else f"{x:.1f}"
+    if isinstance(x, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in x) + "]"
+    return str(x)
+
+
+def summary_lines(hs: HarnessSession) -> list[str]:
+    """The per-trait table: every metric against its threshold."""
+    rows = [("trait", "check", "metric", "value", "threshold", "result")]
+    for t in hs.traits:
+        for (tr, check), rec in hs.checks.items():
+            if tr != t:
+                continue
+            if not rec.metrics:
+                rows.append((t, check, "-", "-", "-", rec.outcome.upper()))
+            for m in rec.metrics:
+                thr = "" if m["op"] is None else (f">= {_fmt(m['threshold'])}" if m["op"] == ">=" else
+                                                  f"in {_fmt(m['threshold'])}")
+                res = "" if m["passed"] is None else ("pass" if m["passed"] else "FAIL")
+                rows.append((t, check, m["name"], _fmt(m["value"]), thr, res))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for t in hs.traits:
+        table = hs.extra.get(t, {}).get("auroc_per_layer")
+        if table:
+            lines.append(f"{t}: per-layer AUROC on the eval split (hidden_states index: AUROC; "
+                         "0 = embeddings, last = after final norm)")
+            cells = [f"{i:>2}:{a:.2f}" for i, a in enumerate(table)]
+            for a in range(0, len(cells), 10):
+                lines.append("  " + "  ".join(cells[a:a + 10]))
+        ex = hs.extra.get(t, {})
+        msgs = [f"{rec.check}: {rec.message}" for (tr, _), rec in hs.checks.items() if tr == t and rec.message]
+        if ex.get("reference_updated"):
+            lines.append(f"{t}: reference written to {ex.get('reference')}")
+        for m in msgs:
+            lines.append(f"{t}: {m}")
+        if "timings" in ex:
+            lines.append(f"{t}: run dir {ex.get('run_dir')}; stage seconds {ex['timings']}")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    hs = _session(config)
+    if hs is None or not hs.checks:
+        return
+    s = hs.settings
+    terminalreporter.section(f"persona-harness acceptance: model {s.model} (profile {s.profile_applied}), "
+                             f"judge {s.judge}")
+    for line in summary_lines(hs):
+        terminalreporter.write_line(line)
+    if hs.extra.get("_report_written"):
+        terminalreporter.write_line(f"JSON report: {hs.report_path}")
+
+
+def build_report(hs: HarnessSession) -> dict:
+    from . import __version__
+
+    s = hs.settings
+    traits: dict = {}
+    for t in hs.traits:
+        ex = {k: v for k, v in hs.extra.get(t, {}).items()}
+        checks = {rec.check: {"outcome": rec.outcome, "message": rec.message, "metrics": rec.metrics}
+                  for (tr, _), rec in hs.checks.items() if tr == t}
+        traits[t] = {"passed": bool(checks) and all(c["outcome"] == "passed" for c in checks.values()),
+                     "checks": checks, **ex}
+    return {"format": "persona-harness-acceptance/1", "harness_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "duration_s": round(time.time() - hs.started, 1),
+            "model": s.model, "profile": s.profile_applied, "judge": s.judge, "judge_model": s.judge_model,
+            "judge_base_url": s.judge_base_url,
+            "settings": {k: v for k, v in s.to_dict().items() if k not in ("plugin_config",)},
+            "traits": traits}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    hs = _session(session.config)
+    if hs is None or not hs.checks:
+        return
+    from .artifacts import atomic_write_json
+
+    atomic_write_json(hs.report_path, build_report(hs))
+    hs.extra["_report_written"] = True

@@ -66,21 +66,49 @@ class NumberTrie:
         return m
 
 
-def number_distribution(model, tok, trie: NumberTrie, prompts: list[list[int]], device) -> tuple[Any, Any]:
-    """Return (P(n) for n in LO..HI as [B, 101], P(first REFUSAL token) [B])."""
+def _lcp(seqs: list[list[int]]) -> int:
+    n = min(len(x) for x in seqs)
+    first = seqs[0]
+    for i in range(n):
+        t = first[i]
+        if any(x[i] != t for x in seqs[1:]):
+            return i
+    return n
+
+
+def number_distribution(model, tok, trie: NumberTrie, prompts: list[list[int]], device,
+                        share_prefix: bool = True) -> tuple[Any, Any]:
+    """Return (P(n) for n in LO..HI as [B, 101], P(first REFUSAL token) [B]).
+
+    The longest common prefix of the batch's prompts (chat header + rubric preamble) is run
+    once and its KV cache shared by every row; the rest runs left-padded.
+    """
     import torch
 
     B = len(prompts)
-    P = max(len(p) for p in prompts)
+    ckw = cache_kwarg(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((B, P), pad, dtype=torch.long)
-    mask = torch.zeros((B, P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        mask[i, P - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    lp = min(_lcp(prompts), min(len(p) for p in prompts) - 1) if share_prefix and B > 1 else 0
+    cache = None
+    if lp >= 8:
+        pre = torch.tensor([prompts[0][:lp]], device=device)
+        cache = output_cache(model(input_ids=pre, use_cache=True, logits_to_keep=1))
+        cache.batch_repeat_interleave(B)
+    else:
+        lp = 0
+    suffixes = [p[lp:] for p in prompts]
+    S = max(len(x) for x in suffixes)
+    ids = torch.full((B, S), pad, dtype=torch.long)
+    smask = torch.zeros((B, S), dtype=torch.long)
+    for i, x in enumerate(suffixes):
+        ids[i, S - len(x):] = torch.tensor(x)
+        smask[i, S - len(x):] = 1
+    ids, smask = ids.to(device), smask.to(device)
+    mask = torch.cat([torch.ones((B, lp), dtype=torch.long, device=device), smask], 1)
+    P = lp + S
+    pos = (lp + smask.cumsum(-1) - 1).clamp(min=0)
+    kw = {ckw: cache} if cache is not None else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
     root = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
     N = trie.n
     tree_ids = torch.tensor(trie.token[1:], device=device).expand(B, N)

@@ -1,0 +1,222 @@
+"""Shared pieces of the benchmarks: models, workloads, the floor, the seed-style loops.
+
+Models: ``qwen7b-shape`` (Qwen2.5-7B's public config, random bf16 weights, built on the device, no
+download), ``smollm2`` (the embedded model) and ``tiny``. Work: ``n`` prompts of ``prompt_len`` ids,
+``new_tokens`` generated ids each (end-of-turn ignored, so every path does the same work), then
+all-layer means over the ``n x (prompt_len + new_tokens)`` tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+# Qwen2.5-7B(-Instruct) config.json values
+QWEN7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+              intermediate_size=18944, vocab_size=152064, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+              tie_word_embeddings=False, max_position_embeddings=32768, hidden_act="silu",
+              use_sliding_window=False, sliding_window=None, max_window_layers=28)
+
+
+@dataclass
+class Work:
+    n: int
+    prompt_len: int
+    new_tokens: int
+    seed_items: int  # items the seed-style loops run (their per-item time is scaled to n)
+    rounds: int
+
+
+def work_for(model: str, smoke: bool) -> Work:
+    if model == "qwen7b-shape" and not smoke:
+        return Work(n=200, prompt_len=70, new_tokens=256, seed_items=2, rounds=3)
+    if smoke:
+        return Work(n=6, prompt_len=12, new_tokens=8, seed_items=2, rounds=1)
+    return Work(n=32, prompt_len=40, new_tokens=32, seed_items=2, rounds=2)
+
+
+def build_model(name: str, device: str = "auto"):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from harness.modeling import LoadedModel, load_hf_model, resolve_device
+
+    dev = resolve_device(device)
+    if name == "smollm2":
+        return load_hf_model("smollm2", device=str(dev), dtype="auto")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if name == "qwen7b-shape":
+        cfg = AutoConfig.for_model("qwen2", **QWEN7B)
+    elif name == "tiny":
+        cfg = AutoConfig.for_model("qwen2", **{**QWEN7B, "hidden_size": 64, "num_hidden_layers": 2,
+                                               "num_attention_heads": 4, "num_key_value_heads": 2,
+                                               "intermediate_size": 128, "vocab_size": 4096})
+    else:
+        raise ValueError(f"--bench-model {name!r}: use qwen7b-shape, smollm2 or tiny")
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.eval()
+    torch.set_grad_enabled(False)
+    return LoadedModel(model=model, tokenizer=None, model_id=name, device=dev, dtype=dtype,
+                       info={"class": type(model).__name__, "random_weights": True})
+
+
+def prompts_for(lm, w: Work, seed: int = 0) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    hi = min(int(lm.model.config.vocab_size), 32000)
+    return [[rng.randrange(10, hi) for _ in range(w.prompt_len)] for _ in range(w.n)]
+
+
+def examples_for(lm, w: Work) -> list[tuple[list[int], list[int]]]:
+    import random
+
+    rng = random.Random(1)
+    hi = min(int(lm.model.config.vocab_size), 32000)
+    return [(p, [rng.randrange(10, hi) for _ in range(w.new_tokens)]) for p in prompts_for(lm, w)]
+
+
+def sync(lm) -> None:
+    import torch
+
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize(lm.device)
+
+
+def device_info(lm) -> dict:
+    import platform
+
+    import torch
+    import transformers
+
+    name = torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else platform.processor() or "cpu"
+    return {"device": name, "dtype": str(lm.dtype).replace("torch.", ""), "torch": torch.__version__,
+            "transformers": transformers.__version__, "model": lm.model_id,
+            "params": sum(p.numel() for p in lm.model.parameters())}
+
+
+_CEIL: dict = {}
+
+
+def ceilings(lm) -> dict:
+    """Measured copy bandwidth (bytes read + written per second) and bf16/fp32 matmul rate."""
+    import torch
+
+    key = str(lm.device)
+    if key in _CEIL:
+        return _CEIL[key]
+    dev = lm.device
+    cuda = dev.type == "cuda"
+    nbytes = (1 << 30) if cuda else (64 << 20)
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
+    b = torch.empty_like(a)
+    n = 8192 if cuda else 512
+    dt = torch.bfloat16 if cuda else torch.float32
+    x = torch.randn(n, n, device=dev, dtype=dt)
+    y = torch.randn(n, n, device=dev, dtype=dt)
+
+    def timeit(fn, reps):
+        fn()
+        sync(lm)
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync(lm)
+        return (time.perf_counter() - t) / reps
+
+    tc = timeit(lambda: b.copy_(a), 20 if cuda else 5)
+    tm = timeit(lambda: x @ y, 20 if cuda else 3)
+    _CEIL[key] = {"copy_bytes_per_s": 2 * nbytes / tc, "matmul_flops_per_s": 2 * n ** 3 / tm}
+    del a, b, x, y
+    return _CEIL[key]
+
+
+def linear_params(lm) -> int:
+    """Weights a token's forward multiplies by (all but the embedding table)."""
+    emb = lm.model.get_input_embeddings().weight.numel()
+    return sum(p.numel() for p in lm.model.parameters()) - emb
+
+
+def gen_floor(lm, w: Work) -> float:
+    """Seconds: prefill compute + per decode step max(weights + KV bytes / bw, flops / rate)."""
+    c = ceilings(lm)
+    cfg = lm.model.config
+    item = lm.model.dtype.itemsize
+    wbytes = sum(p.numel() for p in lm.model.parameters()) * item
+    kvh = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_tok = cfg.num_hidden_layers * 2 * kvh * hd * item
+    P = linear_params(lm)
+    t = 2 * P * w.n * w.prompt_len / c["matmul_flops_per_s"]
+    for s in range(1, w.new_tokens):
+        by = wbytes + kv_tok * w.n * (w.prompt_len + s)
+        t += max(by / c["copy_bytes_per_s"], 2 * P * w.n / c["matmul_flops_per_s"])
+    return t
+
+
+def extract_floor(lm, w: Work) -> float:
+    c = ceilings(lm)
+    P = linear_params(lm) - lm.model.get_output_embeddings().weight.numel()  # no lm_head
+    return 2 * P * w.n * (w.prompt_len + w.new_tokens) / c["matmul_flops_per_s"]
+
+
+# ----------------------------------------------------------------------------- the paths
+def hf_generate(lm, prompts, new_tokens: int):
+    """Plain HF ``generate`` on the given prompts at once (left-padded), fixed length."""
+    import torch
+    from transformers import GenerationConfig
+
+    P = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), P), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):] = 1
+    gc = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                          eos_token_id=None, pad_token_id=0)
+    with torch.inference_mode():
+        out = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), generation_config=gc)
+    return out[:, P:].tolist()
+
+
+def seed_generate(lm, prompts, new_tokens: int):
+    """The seed's loop: one prompt at a time."""
+    return [hf_generate(lm, [p], new_tokens)[0] for p in prompts]
+
+
+def fast_generate(lm, prompts, new_tokens: int, temperature: float = 1.0):
+    from harness.engine import Engine
+
+    outs = Engine.for_model(lm).generate(prompts, new_tokens, temperature=temperature,
+                                         seeds=list(range(len(prompts))), ignore_eos=True)
+    return [o.ids for o in outs]
+
+
+def _gens(examples):
+    from harness.records import Generation
+
+    return [Generation(id=str(i), trait="b", split="extract", polarity="pos", question_index=i, question="",
+                       instruction_index=0, sample_index=0, system_prompt="", response="",
+                       response_token_ids=tuple(r), prompt_token_ids=tuple(p), finish_reason="length",
+                       model_id="b", generator="b") for i, (p, r) in enumerate(examples)]
+
+
+def ref_extract(lm, examples, batch_size: int):
+    """The reference extractor (output_hidden_states); batch_size=1 is the seed's loop."""
+    from harness_plugins.extract_mean_diff import mean_activations
+
+    if lm.tokenizer is None:
+        lm.tokenizer = _NoTok()
+    return mean_activations(lm, _gens(examples), batch_size)
+
+
+def fast_extract(lm, examples):
+    from harness.engine import Engine
+
+    return Engine.for_model(lm).extract_sums(examples)
+
+
+class _NoTok:
+    pad_token_id = 0

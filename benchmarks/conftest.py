@@ -1,0 +1,57 @@
+"""Benchmark options. ``--bench-model qwen7b-shape`` (GPU: Qwen2.5-7B shape, random weights),
+``smollm2`` (the embedded model) or ``tiny``; ``--bench-smoke`` (default on CPU) uses small sizes so
+``pytest benchmarks/ --benchmark-disable`` runs in CI in well under two minutes."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("persona-harness benchmarks")
+    g.addoption("--bench-model", default=None, help="qwen7b-shape | smollm2 | tiny (default: tiny on CPU, qwen7b-shape on CUDA)")
+    g.addoption("--bench-smoke", action="store_true", default=None, help="small sizes (default on CPU)")
+    g.addoption("--bench-full", action="store_true", default=False, help="full sizes even on CPU")
+
+
+@pytest.fixture(scope="session")
+def bench(request):
+    import torch
+
+    import _bench
+
+    cuda = torch.cuda.is_available()
+    name = request.config.getoption("--bench-model") or ("qwen7b-shape" if cuda else "tiny")
+    smoke = not request.config.getoption("--bench-full") and (request.config.getoption("--bench-smoke") or not cuda)
+    lm = _bench.build_model(name)
+    w = _bench.work_for(name, smoke)
+    return {"lm": lm, "work": w, "info": _bench.device_info(lm), "results": {}}
+
+
+def run(benchmark, bench, fn, rounds):
+    """Time ``fn`` (pedantic: fixed rounds, one warm-up) and return the median seconds."""
+    import _bench
+
+    lm = bench["lm"]
+
+    def call():
+        r = fn()
+        _bench.sync(lm)
+        return r
+
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1 if rounds > 1 else 0, iterations=1)
+    st = getattr(benchmark, "stats", None)
+    if st is None or getattr(st, "stats", None) is None:  # --benchmark-disable: time once ourselves
+        import time
+
+        t = time.perf_counter()
+        call()
+        return time.perf_counter() - t
+    return st.stats.median

@@ -1,0 +1,141 @@
+"""One-shot GPU check and timing of the fast engine on the Qwen2.5-7B-shaped model.
+
+python benchmarks/gpu_check.py [--out DIR] [--skip-baselines]
+Prints correctness (greedy tokens vs HF generate, vectors vs the reference extractor), timings
+of every path, the floor and a profile of the decode loop; writes gpu_check.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _bench  # noqa: E402
+
+
+def timed(fn, lm):
+    _bench.sync(lm)
+    t = time.perf_counter()
+    r = fn()
+    _bench.sync(lm)
+    return time.perf_counter() - t, r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--model", default="qwen7b-shape")
+    ap.add_argument("--skip-baselines", action="store_true")
+    a = ap.parse_args()
+    import torch
+
+    res: dict = {}
+    t0 = time.perf_counter()
+    lm = _bench.build_model(a.model)
+    res["build_s"] = time.perf_counter() - t0
+    res["info"] = _bench.device_info(lm)
+    res["ceilings"] = _bench.ceilings(lm)
+    w = _bench.work_for(a.model, smoke=False)
+    res["work"] = w.__dict__
+    res["floor_gen_s"] = _bench.gen_floor(lm, w)
+    res["floor_extract_s"] = _bench.extract_floor(lm, w)
+    print(json.dumps(res, indent=1), flush=True)
+    prompts = _bench.prompts_for(lm, w)
+    examples = _bench.examples_for(lm, w)
+
+    def section(name, fn):
+        try:
+            fn()
+        except Exception:
+            res[name + "_error"] = traceback.format_exc()[-2000:]
+            print(res[name + "_error"], flush=True)
+        print(name, {k: v for k, v in res.items() if k.startswith(name)}, flush=True)
+        with open(os.path.join(a.out, "gpu_check.json"), "w") as fh:
+            json.dump(res, fh, indent=1, default=str)
+
+    def correct():
+        sub = prompts[:16]
+        ref = _bench.hf_generate(lm, sub, 32)
+        got = _bench.fast_generate(lm, sub, 32, temperature=0.0)
+        same = sum(x == y for r, g in zip(ref, got) for x, y in zip(r, g))
+        prefix = [next((i for i, (x, y) in enumerate(zip(r, g)) if x != y), len(r)) for r, g in zip(ref, got)]
+        res["correct_greedy_token_match"] = same / sum(len(r) for r in ref)
+        res["correct_greedy_rows_identical"] = sum(r == g for r, g in zip(ref, got))
+        res["correct_greedy_first_diff"] = prefix
+        ex = examples[:16]
+        r, _ = _bench.ref_extract(lm, ex, 8)
+        f, _ = _bench.fast_extract(lm, ex)
+        res["correct_extract_rel_err"] = {k: float((f[k] - r[k]).norm() / r[k].norm()) for k in r}
+        # a forward hook fires on the fast path (eager decode, graphs off while hooks are present)
+        calls = []
+        h = lm.model.model.layers[5].register_forward_hook(lambda m, i, o: calls.append(1))
+        _bench.fast_generate(lm, sub[:2], 4, temperature=0.0)
+        h.remove()
+        res["correct_hook_calls"] = len(calls)
+
+    def fast_gen():
+        from harness.engine import Engine
+
+        cold, _ = timed(lambda: _bench.fast_generate(lm, prompts, w.new_tokens), lm)
+        warm = [timed(lambda: _bench.fast_generate(lm, prompts, w.new_tokens), lm)[0] for _ in range(3)]
+        res["fast_gen_cold_s"] = cold
+        res["fast_gen_s"] = sorted(warm)[1]
+        res["fast_gen_all_s"] = warm
+        res["fast_gen_tok_per_s"] = w.n * w.new_tokens / res["fast_gen_s"]
+        res["fast_gen_stats"] = dict(Engine.for_model(lm).stats)
+        greedy = [timed(lambda: _bench.fast_generate(lm, prompts, w.new_tokens, temperature=0.0), lm)[0]
+                  for _ in range(2)]
+        res["fast_gen_greedy_s"] = min(greedy)
+
+    def fast_ext():
+        cold, _ = timed(lambda: _bench.fast_extract(lm, examples), lm)
+        warm = [timed(lambda: _bench.fast_extract(lm, examples), lm)[0] for _ in range(3)]
+        res["fast_extract_cold_s"] = cold
+        res["fast_extract_s"] = sorted(warm)[1]
+
+    def profile():
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            _bench.fast_generate(lm, prompts, 64)
+            _bench.sync(lm)
+        res["profile_gen64"] = p.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            _bench.fast_extract(lm, examples)
+            _bench.sync(lm)
+        res["profile_extract"] = p.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        print(res["profile_gen64"][:6000])
+        print(res["profile_extract"][:6000])
+
+    def baselines():
+        t, _ = timed(lambda: _bench.ref_extract(lm, examples, 16), lm)
+        res["baseline_ref_extract_bs16_s"] = t
+        t, _ = timed(lambda: _bench.ref_extract(lm, examples[:20], 1), lm)
+        res["baseline_seed_extract_s_scaled"] = t * w.n / 20
+        t, _ = timed(lambda: _bench.hf_generate(lm, prompts, w.new_tokens), lm)
+        res["baseline_hf_generate_all_s"] = t
+        t, _ = timed(lambda: _bench.seed_generate(lm, prompts[:1], 64), lm)
+        res["baseline_seed_generate_s_scaled"] = t * w.n * w.new_tokens / 64
+
+    section("correct", correct)
+    section("fast_gen", fast_gen)
+    section("fast_extract", fast_ext)
+    section("profile", profile)
+    if not a.skip_baselines:
+        section("baseline", baselines)
+    keys = ["fast_gen_s", "fast_gen_cold_s", "fast_gen_greedy_s", "fast_extract_s", "floor_gen_s", "floor_extract_s",
+            "baseline_hf_generate_all_s", "baseline_ref_extract_bs16_s", "baseline_seed_extract_s_scaled",
+            "baseline_seed_generate_s_scaled", "correct_greedy_token_match", "correct_greedy_rows_identical",
+            "correct_extract_rel_err", "correct_hook_calls"]
+    print("SUMMARY", res["info"], res["ceilings"])
+    for k in keys:
+        print(f"{k:36s} {res.get(k)}")
+
+
+if __name__ == "__main__":
+    main()

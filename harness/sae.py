@@ -1,0 +1,161 @@
+"""Read a vector with a sparse autoencoder stored in the SAELens layout (local files only).
+
+A folder with ``cfg.json`` (``d_in``, ``d_sae``, ``hook_name`` at the top level or under
+``metadata``; older files: ``hook_point``/``hook_layer``) and ``sae_weights.safetensors`` with
+``W_dec [d_sae, d_in]`` (``W_enc [d_in, d_sae]``, ``b_enc``, ``b_dec`` are loaded when present).
+
+Layer mapping (TransformerLens hook names): hidden_states index ``L`` is the output of block ``L-1``,
+which is ``blocks.{L-1}.hook_resid_post`` and also ``blocks.{L}.hook_resid_pre``. Other hook points
+(attention/MLP outputs) are not the residual stream; reading a residual vector with them is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import HarnessError
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+
+
+def hook_for_layer(L: int) -> str:
+    """hidden_states index L -> ``blocks.{L-1}.hook_resid_post`` (L >= 1)."""
+    if L < 1:
+        raise HarnessError(f"hidden_states index {L} is the embedding output; it has no hook_resid_post "
+                           "(it is blocks.0.hook_resid_pre)")
+    return f"blocks.{L - 1}.hook_resid_post"
+
+
+def layer_for_hook(hook_name: str) -> int | None:
+    """``blocks.k.hook_resid_post`` -> k+1, ``blocks.k.hook_resid_pre`` -> k; None for other hooks."""
+    m = _HOOK.match(hook_name or "")
+    if not m:
+        return None
+    k = int(m.group(1))
+    return k + 1 if m.group(2) == "post" else k
+
+
+@dataclass
+class SAE:
+    path: str
+    cfg: dict
+    W_dec: Any  # [d_sae, d_in]
+    W_enc: Any = None
+    b_enc: Any = None
+    b_dec: Any = None
+    hook_name: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def d_in(self) -> int:
+        return int(self.W_dec.shape[1])
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.W_dec.shape[0])
+
+    @property
+    def layer(self) -> int | None:
+        """The hidden_states index this SAE reads (None when its hook is not the residual stream)."""
+        return layer_for_hook(self.hook_name)
+
+
+def load_sae(path: str | Path) -> SAE:
+    """Load ``cfg.json`` + ``sae_weights.safetensors`` from a folder (never downloads anything)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_p, w_p = path / CFG_FILE, path / WEIGHTS_FILE
+    for p in (cfg_p, w_p):
+        if not p.exists():
+            raise HarnessError(f"{p} is missing: an SAE folder in the SAELens layout needs {CFG_FILE} and {WEIGHTS_FILE}")
+    try:
+        cfg = json.loads(cfg_p.read_text())
+    except json.JSONDecodeError as e:
+        raise HarnessError(f"{cfg_p}: not valid JSON ({e})") from None
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    hook = cfg.get("hook_name") or meta.get("hook_name") or cfg.get("hook_point") or ""
+    if not hook and cfg.get("hook_layer") is not None:
+        hook = f"blocks.{int(cfg['hook_layer'])}.hook_resid_post"
+    try:
+        w = load_file(str(w_p))
+    except Exception as e:
+        raise HarnessError(f"{w_p}: not a readable safetensors file ({e})") from None
+    if "W_dec" not in w:
+        raise HarnessError(f"{w_p}: no tensor 'W_dec' (has {', '.join(sorted(w))}). Fix: save the SAE with SAELens")
+    W_dec = w["W_dec"].float()
+    if W_dec.dim() != 2:
+        raise HarnessError(f"{w_p}: W_dec has shape {tuple(W_dec.shape)}; expected [d_sae, d_in]")
+    for key, dim in (("d_in", 1), ("d_sae", 0)):
+        if key in cfg and int(cfg[key]) != W_dec.shape[dim]:
+            if key == "d_in" and int(cfg[key]) == W_dec.shape[0] and "d_sae" in cfg and int(cfg["d_sae"]) == W_dec.shape[1]:
+                raise HarnessError(f"{w_p}: W_dec is stored transposed ({tuple(W_dec.shape)}); SAELens stores "
+                                   "[d_sae, d_in]. Fix: save W_dec.T")
+            raise HarnessError(f"{cfg_p}: field '{key}' = {cfg[key]} but W_dec has shape {tuple(W_dec.shape)} "
+                               "([d_sae, d_in])")
+    return SAE(path=str(path), cfg=cfg, W_dec=W_dec, W_enc=w.get("W_enc"), b_enc=w.get("b_enc"),
+               b_dec=w.get("b_dec"), hook_name=hook)
+
+
+def rank_latents(sae: SAE, v: Any, *, k: int = 20) -> dict:
+    """Latents whose decoder directions align most (and most negatively) with ``v`` by cosine."""
+    import torch
+
+    v = torch.as_tensor(v).float().flatten()
+    if v.shape[0] != sae.d_in:
+        raise HarnessError(f"the vector has {v.shape[0]} dimensions but the SAE at {sae.path} reads d_in={sae.d_in}. "
+                           "Fix: use an SAE trained on this model's residual stream")
+    if float(v.norm()) == 0:
+        raise HarnessError("the vector has norm 0; cosine similarity is undefined")
+    rows = sae.W_dec.float()
+    cos = (rows @ v) / (rows.norm(dim=1).clamp(min=1e-12) * v.norm())
+    k = min(k, sae.d_sae)
+    top = torch.topk(cos, k)
+    bot = torch.topk(-cos, k)
+    return {"top": [{"latent": int(i), "cosine": round(float(c), 6)} for c, i in zip(top.values, top.indices)],
+            "bottom": [{"latent": int(i), "cosine": round(-float(c), 6)} for c, i in zip(bot.values, bot.indices)],
+            "d_sae": sae.d_sae, "hook_name": sae.hook_name}
+
+
+def read_vector(sae: SAE, vectors: Any, layer: int | None = None, *, k: int = 20,
+                allow_layer_mismatch: bool = False) -> dict:
+    """Rank the SAE's latents against ``vectors[layer]`` (``vectors``: ``[num_layers + 1, d]`` or ``[d]``).
+
+    ``layer`` defaults to the SAE's own layer. A vector from another layer than the SAE's hook is
+    refused (``allow_layer_mismatch=True`` turns that into a warning).
+    """
+    import torch
+
+    sl = sae.layer
+    if sl is None:
+        msg = (f"SAE {sae.path} reads hook {sae.hook_name or '(none)'!r}, not the residual stream "
+               "(blocks.k.hook_resid_post/pre); persona vectors live in the residual stream")
+        if not allow_layer_mismatch:
+            raise HarnessError(msg + ". Fix: use a resid_post SAE, or pass allow_layer_mismatch")
+        warnings.warn(msg, stacklevel=2)
+    v = torch.as_tensor(vectors).float()
+    if layer is None:
+        if v.dim() == 2:
+            if sl is None:
+                raise HarnessError("give layer=: the SAE's hook does not name a residual layer")
+            layer = sl
+    if v.dim() == 2:
+        if not 0 <= int(layer) < v.shape[0]:  # type: ignore[arg-type]
+            raise HarnessError(f"layer {layer} is outside the vector file's 0..{v.shape[0] - 1}")
+        v = v[int(layer)]  # type: ignore[arg-type]
+    if layer is not None and sl is not None and int(layer) != sl:
+        msg = (f"the vector is from hidden_states index {layer} ({hook_for_layer(int(layer)) if int(layer) >= 1 else 'embeddings'}) "
+               f"but SAE {sae.path} reads {sae.hook_name} = hidden_states index {sl}")
+        if not allow_layer_mismatch:
+            raise HarnessError(msg + f". Fix: read vectors[{sl}] or use an SAE for {hook_for_layer(int(layer))}")
+        warnings.warn(msg, stacklevel=2)
+    res = rank_latents(sae, v, k=k)
+    res.update({"layer": layer, "sae_layer": sl, "sae_path": sae.path})
+    return res

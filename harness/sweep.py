@@ -1,0 +1,281 @@
+"""Steering sweep: layers x coefficients over the evaluation questions, judged for trait and coherence.
+
+Each cell (layer, coef) generates answers to the first ``n_questions`` evaluation questions (no
+system prompt, as in the paper's steering evaluation) with ``steer(..., positions, scale)`` active,
+then the configured judge scores trait and coherence *after* the hooks are removed (the local judge
+may be the steered model itself). Coefficient 0 is the same for every layer, so it is generated once
+and shared as every layer's baseline.
+
+Efficiency: every cell's rows go through the generator together in batches (one row = one question
+x sample x cell), with a per-row coefficient per layer; a row's tokens do not depend on its batch
+(seeded per request id), and each question uses the same request id in every cell, so all cells see
+the same sampling noise (common random numbers) and differences come from steering.
+Generations are cached with the steering spec (layer, coef, positions, scale, vector hash) in the key.
+
+Writes ``sweep.json``, ``sweep.csv`` and ``sweep_generations.jsonl`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import HarnessError
+
+SWEEP_FILE = "sweep.json"
+
+
+def settings_for_run(run_dir: str | Path, flags: dict | None = None):
+    """The run's settings (``run.json`` config) with ``flags`` (field -> value) on top."""
+    from .config import FIELDS, Settings, _coerce
+
+    rj = Path(run_dir) / "run.json"
+    cfg: dict = {}
+    if rj.exists():
+        try:
+            cfg = json.loads(rj.read_text()).get("config", {}) or {}
+        except json.JSONDecodeError as e:
+            raise HarnessError(f"{rj}: not valid JSON ({e})") from None
+    vals: dict[str, Any] = {}
+    for k, v in cfg.items():
+        if k in FIELDS and v is not None:
+            vals[k] = v if k in ("plugin_config", "profile_applied") else _coerce(k, v, str(rj))
+    for k, v in (flags or {}).items():
+        if v is not None:
+            if k not in FIELDS:
+                raise HarnessError(f"unknown setting {k!r}")
+            vals[k] = _coerce(k, v, f"--{k.replace('_', '-')}")
+    return Settings(**vals)
+
+
+def load_run_trait(run_dir: str | Path, settings, pm):
+    """The TraitSpec of a run: by name through the trait sources, else from its recorded source path."""
+    rj = Path(run_dir) / "run.json"
+    if not rj.exists():
+        raise HarnessError(f"{rj} is missing: {run_dir} is not a run directory. Fix: run 'persona-harness run' first")
+    info = json.loads(rj.read_text()).get("trait", {})
+    name, source, want = info.get("name"), info.get("source") or "", info.get("hash")
+    spec = pm.hook.harness_load_trait(name=name, settings=settings) if name else None
+    if (spec is None or (want and spec.hash != want)) and source and Path(source).exists():
+        from harness_plugins.traits_json import load_trait_path
+
+        spec = load_trait_path(Path(source).parent if Path(source).is_file() else source)
+    if spec is None:
+        raise HarnessError(f"{rj}: trait {name!r} cannot be loaded (source {source!r}). Fix: pass --traits-dir")
+    if want and spec.hash != want:
+        warnings.warn(f"trait {name!r} changed since the run (hash {spec.hash[:12]} != {want[:12]})", stacklevel=2)
+    return spec
+
+
+def _vec_hash(v) -> str:
+    return hashlib.sha256(v.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def steered_generate(ctx, generator, requests: Sequence, cells: Sequence[tuple[int | None, float]], vectors,
+                     *, positions: str = "response", scale: str = "raw", norms=None, batch_size: int = 0,
+                     progress: bool = False) -> dict[tuple, list]:
+    """Generate ``requests`` under every cell ``(layer, coef)`` (layer None or coef 0 = unsteered).
+
+    ``vectors``: ``[num_layers + 1, hidden]``. Returns ``{cell: [Generation in request order]}``.
+    """
+    import torch
+
+    from .cache import cache_key
+    from .records import Generation
+    from .steering import steer
+
+    if not getattr(generator, "needs_model", True):
+        raise HarnessError(f"generator {generator.name!r} does not run the in-process model, so hooks cannot steer "
+                           "it. Fix: use --generator hf")
+    s = ctx.settings
+    lm = ctx.model()
+    vectors = torch.as_tensor(vectors).float()
+    cfg = generator.config() if callable(getattr(generator, "config", None)) else {}
+    cells = [(None if (L is None or c == 0) else int(L), 0.0 if (L is None or c == 0) else float(c)) for L, c in cells]
+    uniq = list(dict.fromkeys(cells))
+    layers = sorted({L for L, _ in uniq if L is not None})
+    vhash = {L: _vec_hash(vectors[L]) for L in layers}
+
+    def key(r, cell):
+        L, c = cell
+        spec = None if L is None else {"layer": L, "coef": c, "positions": positions, "scale": scale,
+                                       "vector": vhash[L], "norm": (float(norms[L]) if scale == "mean_norm" else None)}
+        parts = dict(generator=generator.name, config=cfg, model=s.model, messages=r.messages,
+                     temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=r.seed, id=r.id)
+        if spec is not None:
+            parts["steer"] = spec
+        return cache_key("generate", **parts)
+
+    rows = [(cell, r, key(r, cell)) for cell in uniq for r in requests]
+    cached = ctx.cache.get_many([k for _, _, k in rows]) if ctx.cache is not None else {}
+    done: dict[str, Any] = {k: Generation.from_dict({**cached[k], "cache_key": k}) for _, _, k in rows if k in cached}
+    todo = [row for row in rows if row[2] not in done]
+    bs = batch_size or (generator.batch_size(lm) if hasattr(generator, "batch_size") else 32)
+    t0 = time.perf_counter()
+    for a in range(0, len(todo), bs):
+        chunk = todo[a: a + bs]
+        reqs = [r for _, r, _ in chunk]
+        if layers:
+            coef = {L: [c if cl == L else 0.0 for (cl, c), _, _ in chunk] for L in layers}
+            with steer(lm, {L: vectors[L] for L in layers}, coef, positions=positions, scale=scale,
+                       norms=norms) as h:
+                gens = generator.generate(reqs, ctx)
+            if h.calls == 0:
+                raise HarnessError(f"generator {generator.name!r} never ran the steered model's blocks; steering had "
+                                   "no effect. Fix: use --generator hf")
+        else:
+            gens = generator.generate(reqs, ctx)
+        if len(gens) != len(chunk):
+            raise HarnessError(f"generator {generator.name!r} returned {len(gens)} generations for {len(chunk)} requests")
+        if ctx.cache is not None:
+            ctx.cache.put_many("generate", [(k, g.to_dict()) for (_, _, k), g in zip(chunk, gens)])
+        for (_, _, k), g in zip(chunk, gens):
+            done[k] = Generation.from_dict({**g.to_dict(), "cache_key": k})
+        if progress:
+            print(f"  steered generate {min(a + bs, len(todo))}/{len(todo)} rows "
+                  f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+    return {cell: [done[key(r, cell)] for r in requests] for cell in uniq}
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def run_sweep(run_dir: str | Path, settings=None, *, pm=None, layers: Sequence[int], coefs: Sequence[float],
+              positions: str = "response", scale: str = "raw", method: str = "response_avg_diff",
+              n_questions: int | None = 5, samples: int = 1, max_new_tokens: int | None = None,
+              system_prompt: str = "", ctx=None, write: bool = True) -> dict:
+    """Run the layers x coefs sweep for a run directory; returns (and writes) the sweep table."""
+    from .artifacts import atomic_write_json, atomic_write_text, load_vectors, write_jsonl
+    from .cache import Cache
+    from .pipeline import RunContext, run_judge
+    from .plugins import build_registry, get_plugin_manager
+    from .records import GenerationRequest
+    from .steering import SCALES, norms_for_run
+
+    run_dir = Path(run_dir)
+    if scale not in SCALES:
+        raise HarnessError(f"scale {scale!r} is not one of {', '.join(SCALES)}")
+    t_start = time.perf_counter()
+    s = settings or settings_for_run(run_dir)
+    if max_new_tokens:
+        s = s.replace(max_new_tokens=int(max_new_tokens))
+    pm = pm or get_plugin_manager(modules=s.plugins)
+    spec = load_run_trait(run_dir, s, pm)
+    ctx = ctx or RunContext(settings=s, pm=pm)
+    ctx.trait, ctx.run_dir = spec, run_dir
+    ctx.cache = ctx.cache or Cache(s.cache_dir)
+    lm = ctx.model()
+    vs = load_vectors(run_dir / "vectors.safetensors", expect_shape=(lm.num_layers + 1, lm.hidden_size))
+    if method not in vs.tensors:
+        raise HarnessError(f"{run_dir / 'vectors.safetensors'} has no {method!r} (has {', '.join(sorted(vs.tensors))})")
+    vectors = vs[method]
+    layers = [int(L) for L in layers]
+    bad = [L for L in layers if not 1 <= L <= lm.num_layers]
+    if bad:
+        raise HarnessError(f"layers {bad} cannot be steered: use 1..{lm.num_layers} (hidden_states index; "
+                           "L steers model.layers[L-1])")
+    questions = list(spec.eval_questions) or list(spec.questions)
+    split = "eval" if spec.eval_questions else "extract"
+    if not spec.eval_questions:
+        warnings.warn(f"trait {spec.name!r} has no evaluation questions; sweeping the extraction questions", stacklevel=2)
+    if n_questions:
+        questions = questions[: int(n_questions)]
+    requests = [GenerationRequest(
+        id=f"{spec.name}_sweep_{split}_{qi}_{si}", trait=spec.name, split="sweep", polarity="steer", question_index=qi,
+        question=q, instruction_index=0, sample_index=si, system_prompt=system_prompt, temperature=s.temperature,
+        top_p=s.top_p, max_new_tokens=s.max_new_tokens, seed=s.seed) for qi, q in enumerate(questions)
+        for si in range(samples)]
+    norms = norms_for_run(run_dir, lm) if scale == "mean_norm" else None
+    generator = build_registry(pm, "generator").create(s.generator, s)
+    judge = build_registry(pm, "judge").create(s.judge, s)
+    cells = [(None, 0.0)] + [(L, float(c)) for L in layers for c in coefs if float(c) != 0.0]
+    t0 = time.perf_counter()
+    by_cell = steered_generate(ctx, generator, requests, cells, vectors, positions=positions, scale=scale,
+                               norms=norms, batch_size=s.batch_size, progress=s.progress)
+    t_gen = time.perf_counter() - t0
+    uniq = list(by_cell)
+    flat = [g for c in uniq for g in by_cell[c]]
+    t0 = time.perf_counter()
+    judgments = run_judge(ctx, spec, flat, judge)  # hooks are gone: the judge is never steered
+    t_judge = time.perf_counter() - t0
+    per_gen = 2  # judge_items: trait, coherence per generation
+    stats: dict[tuple, dict] = {}
+    gen_rows = []
+    for ci, cell in enumerate(uniq):
+        n = len(by_cell[cell])
+        js = judgments[ci * n * per_gen:(ci + 1) * n * per_gen]
+        tr = [j.score for j in js if j.metric == spec.name and j.score is not None]
+        co = [j.score for j in js if j.metric != spec.name and j.score is not None]
+        stats[cell] = {"trait_mean": _r(_mean(tr)), "coherence_mean": _r(_mean(co)), "n": n,
+                       "trait_scored": len(tr), "coherence_scored": len(co)}
+        for gi, g in enumerate(by_cell[cell]):
+            jj = js[gi * per_gen:(gi + 1) * per_gen]
+            gen_rows.append({"layer": cell[0], "coef": cell[1], "question_index": g.question_index,
+                             "sample_index": g.sample_index, "question": g.question, "response": g.response,
+                             "finish_reason": g.finish_reason,
+                             "scores": {j.metric: j.score for j in jj},
+                             "unscored": {j.metric: j.reason for j in jj if j.score is None}})
+    base = stats[(None, 0.0)]
+    out_cells = []
+    for L in layers:
+        for c in sorted({0.0, *[float(x) for x in coefs]}):  # coef 0 (the baseline) always included
+            st = base if c == 0.0 else stats[(L, c)]
+            out_cells.append({"layer": L, "coef": c, **st, "shared_baseline": c == 0.0})
+    result = {
+        "trait": spec.name, "model": s.model, "judge": s.judge, "judge_model": getattr(judge, "model_id", s.judge_model),
+        "method": method, "positions": positions, "scale": scale, "layers": layers,
+        "coefs": sorted({0.0, *[float(c) for c in coefs]}), "questions": len(questions), "samples": samples,
+        "split": split, "max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "system_prompt": system_prompt,
+        "baseline": {**base, "coef": 0.0}, "cells": out_cells,
+        "vector_norms": {str(L): round(float(vectors[L].norm()), 6) for L in layers},
+        "timings": {"generate": round(t_gen, 3), "judge": round(t_judge, 3),
+                    "total": round(time.perf_counter() - t_start, 3)},
+        "rows_generated": len(uniq) * len(requests),
+        "layer_convention": "layer L = hidden_states[L]; steering hooks model.layers[L-1]",
+    }
+    if norms is not None:
+        result["mean_norms"] = {str(L): round(norms[L], 6) for L in layers}
+    if write:
+        atomic_write_json(run_dir / SWEEP_FILE, result)
+        atomic_write_text(run_dir / "sweep.csv", sweep_csv(result))
+        write_jsonl(run_dir / "sweep_generations.jsonl", gen_rows)
+    return result
+
+
+def _r(x):
+    return None if x is None else round(float(x), 4)
+
+
+def sweep_csv(result: dict) -> str:
+    buf = io.StringIO()
+    cols = ["layer", "coef", "trait_mean", "coherence_mean", "n", "trait_scored", "coherence_scored", "shared_baseline"]
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for c in result["cells"]:
+        w.writerow(c)
+    return buf.getvalue()
+
+
+def format_table(result: dict) -> str:
+    """Trait / coherence means as a text grid (layers down, coefficients across)."""
+    coefs = sorted({c["coef"] for c in result["cells"]})
+    lines = [f"trait score / coherence ({result['scale']} scale, positions {result['positions']}, "
+             f"{result['questions']} questions x {result['samples']} samples)",
+             "layer  " + "  ".join(f"{c:>11g}" for c in coefs)]
+    for L in result["layers"]:
+        row = {c["coef"]: c for c in result["cells"] if c["layer"] == L}
+
+        def f(x):
+            return "  n/a" if x is None else f"{x:5.1f}"
+
+        lines.append(f"{L:>5}  " + "  ".join(f"{f(row[c]['trait_mean'])}/{f(row[c]['coherence_mean'])}" if c in row
+                                             else " " * 11 for c in coefs))
+    return "\n".join(lines)

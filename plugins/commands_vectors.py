@@ -1,0 +1,336 @@
+"""CLI sub-commands that use a run's vectors: steer, sweep, monitor, layers, lens, sae, report.
+
+Each takes a run directory. Settings come from the run's ``run.json`` with any settings flag on top
+(so ``--model``, ``--judge``, ``--temperature`` ... override what the run used).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError
+from harness.hookspecs import hookimpl
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise HarnessError(f"{s!r} is not a comma-separated list of numbers") from None
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise HarnessError(f"{s!r} is not a comma-separated list of layer numbers") from None
+
+
+def _run_dir(args) -> Path:
+    d = Path(args.run_dir)
+    if not (d / "run.json").exists():
+        raise HarnessError(f"{d}: no run.json, not a run directory. Fix: give the folder 'persona-harness run' wrote")
+    return d
+
+
+def _settings(args):
+    from harness.sweep import settings_for_run
+
+    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
+    if getattr(args, "traits_dirs", None):
+        flags["traits_dirs"] = tuple(args.traits_dirs)
+    if getattr(args, "plugins", None):
+        flags["plugins"] = tuple(args.plugins)
+    if getattr(args, "no_progress", False):
+        flags["progress"] = False
+    return settings_for_run(_run_dir(args), flags)
+
+
+def _ctx(args):
+    from harness.pipeline import RunContext
+    from harness.plugins import get_plugin_manager
+
+    s = _settings(args)
+    pm = get_plugin_manager(modules=s.plugins)
+    return RunContext(settings=s, pm=pm, run_dir=_run_dir(args))
+
+
+def _vectors(run_dir: Path, lm, method: str):
+    from harness.artifacts import load_vectors
+
+    vs = load_vectors(run_dir / "vectors.safetensors", expect_shape=(lm.num_layers + 1, lm.hidden_size))
+    if method not in vs.tensors:
+        raise HarnessError(f"{run_dir / 'vectors.safetensors'} has no {method!r} (has {', '.join(sorted(vs.tensors))})")
+    return vs[method]
+
+
+def _common(p, *, method: bool = True) -> None:
+    from harness.cli import add_settings_arguments
+
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by 'persona-harness run'")
+    if method:
+        p.add_argument("--method", default="response_avg_diff", help="vector method (default response_avg_diff)")
+    add_settings_arguments(p)
+
+
+def _steer_opts(p) -> None:
+    p.add_argument("--positions", default="response", choices=("all", "prompt", "response"),
+                   help="response (default, the paper's): last position of each forward call; prompt: prefill "
+                        "only; all: every position")
+    p.add_argument("--scale", default="raw", choices=("raw", "unit", "mean_norm"),
+                   help="raw: coef*v; unit: coef*v/||v||; mean_norm: coef * mean activation norm * v/||v||")
+
+
+# -- commands -------------------------------------------------------------------------------------
+def cmd_steer(args) -> int:
+    from harness.cache import Cache
+    from harness.plugins import build_registry
+    from harness.records import GenerationRequest
+    from harness.steering import norms_for_run
+    from harness.sweep import load_run_trait, steered_generate
+
+    ctx = _ctx(args)
+    s, run_dir = ctx.settings, _run_dir(args)
+    ctx.cache = Cache(s.cache_dir)
+    lm = ctx.model()
+    v = _vectors(run_dir, lm, args.method)
+    prompts = list(args.prompt or [])
+    if not prompts:
+        spec = load_run_trait(run_dir, s, ctx.pm)
+        prompts = list(spec.eval_questions or spec.questions)[: args.questions]
+    reqs = [GenerationRequest(id=f"steer_{i}", trait="steer", split="steer", polarity="steer", question_index=i,
+                              question=q, instruction_index=0, sample_index=0, system_prompt=args.system or "",
+                              temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, seed=s.seed)
+            for i, q in enumerate(prompts)]
+    coefs = _floats(args.coef)
+    cells = [(None, 0.0)] + [(args.layer, c) for c in coefs if c != 0]
+    norms = norms_for_run(run_dir, lm) if args.scale == "mean_norm" else None
+    gen = build_registry(ctx.pm, "generator").create(s.generator, s)
+    out = steered_generate(ctx, gen, reqs, cells, v, positions=args.positions, scale=args.scale, norms=norms)
+    rows = [{"layer": L, "coef": c, "question": g.question, "response": g.response}
+            for (L, c), gs in out.items() for g in gs]
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    for i, q in enumerate(prompts):
+        print(f"\n### {q}")
+        for (L, c), gs in out.items():
+            tag = "unsteered" if L is None else f"layer {L}, coef {c:g} ({args.scale}, {args.positions})"
+            print(f"--- {tag}\n{gs[i].response}")
+    return 0
+
+
+def _default_layers(run_dir: Path, n_layers: int) -> list[int]:
+    from harness.layers import recommend_for_run
+
+    rec = recommend_for_run(run_dir, write=False)
+    c = rec.get("layer") or max(1, n_layers // 2)
+    step = max(1, n_layers // 8)
+    return sorted({min(max(1, x), n_layers - 1) for x in (c - step, c, c + step)})
+
+
+def cmd_sweep(args) -> int:
+    import time
+
+    from harness.sweep import format_table, run_sweep
+
+    ctx = _ctx(args)
+    run_dir = _run_dir(args)
+    t0 = time.perf_counter()
+    lm = ctx.model()
+    layers = _ints(args.layers) if args.layers else _default_layers(run_dir, lm.num_layers)
+    res = run_sweep(run_dir, ctx.settings, pm=ctx.pm, ctx=ctx, layers=layers, coefs=_floats(args.coefs),
+                    positions=args.positions, scale=args.scale, method=args.method, n_questions=args.questions,
+                    samples=args.samples)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(format_table(res))
+    t = res["timings"]
+    print(f"\n{len(res['cells'])} cells ({res['rows_generated']} generated rows): generate {t['generate']:.1f}s, "
+          f"judge {t['judge']:.1f}s, total {time.perf_counter() - t0:.1f}s (model load included)")
+    print(f"wrote {run_dir / 'sweep.json'} and sweep.csv")
+    return 0
+
+
+def cmd_monitor(args) -> int:
+    from harness.monitor import load_records, monitor_run, project_records
+
+    ctx = _ctx(args)
+    run_dir = _run_dir(args)
+    lm = ctx.model()
+    if args.input:
+        v = _vectors(run_dir, lm, args.method)
+        layers = _ints(args.layer) if args.layer else [_rec_layer(run_dir, lm)]
+        res = project_records(lm, load_records(args.input), v, layers, source=str(args.input),
+                              batch_size=ctx.settings.extract_batch_size)
+        text = "".join(json.dumps(r) + "\n" for r in res)
+        if args.output:
+            Path(args.output).write_text(text)
+            print(f"wrote {len(res)} projections to {args.output}", file=sys.stderr)
+        else:
+            sys.stdout.write(text)
+        return 0
+    res = monitor_run(run_dir, lm, split=args.split, method=args.method, batch_size=ctx.settings.extract_batch_size)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"{res['split']} split: {res['n_pos']} pos, {res['n_neg']} neg; projection = {res['projection']}")
+    print("layer  AUROC   Cohen_d  pos_mean  neg_mean  r(trait)")
+    for r in res["layers"]:
+        def f(x, w=8, nd=3):
+            return f"{'n/a':>{w}}" if x is None else f"{x:{w}.{nd}f}"
+        print(f"{r['layer']:>5} {f(r['auroc'], 6)} {f(r['cohens_d'])} {f(r['pos_mean'], 9, 2)} {f(r['neg_mean'], 9, 2)} "
+              f"{f(r.get('trait_corr'))}")
+    print(f"best separation: layer {res['best_layer']}; wrote {run_dir / 'monitor.json'} and projections.jsonl")
+    return 0
+
+
+def _rec_layer(run_dir: Path, lm) -> int:
+    from harness.layers import recommend_for_run
+
+    rec = recommend_for_run(run_dir, write=False)
+    return int(rec.get("layer") or max(1, lm.num_layers // 2))
+
+
+def cmd_layers(args) -> int:
+    from harness.layers import recommend_for_run
+
+    res = recommend_for_run(_run_dir(args), min_coherence=args.min_coherence)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"recommended layer: {res.get('layer')} (basis: {res.get('basis')})\n{res['explanation']}")
+    return 0
+
+
+def cmd_lens(args) -> int:
+    from harness.artifacts import atomic_write_json
+    from harness.lens import lens_layers
+    from harness.report import LENS_FILE
+
+    ctx = _ctx(args)
+    run_dir = _run_dir(args)
+    lm = ctx.model()
+    v = _vectors(run_dir, lm, args.method)
+    layers = _ints(args.layer) if args.layer else [_rec_layer(run_dir, lm)]
+    res = lens_layers(lm, v, layers, k=args.k)
+    p = run_dir / LENS_FILE
+    old = json.loads(p.read_text()) if p.exists() else {}
+    merged = old.get("layers", {}) if old.get("method") == args.method else {}
+    merged.update({str(L): r for L, r in res.items()})
+    atomic_write_json(p, {"method": args.method, "k": args.k, "layers": merged})
+    if args.json:
+        print(json.dumps({str(k): v for k, v in res.items()}, indent=2, ensure_ascii=False))
+        return 0
+    for L, r in res.items():
+        for mode in ("raw", "final_norm"):
+            print(f"\nlayer {L}, {'without' if mode == 'raw' else 'with'} final norm")
+            print("  top:    " + "  ".join(f"{x['token']!r}" for x in r[mode]["top"]))
+            print("  bottom: " + "  ".join(f"{x['token']!r}" for x in r[mode]["bottom"]))
+    return 0
+
+
+def cmd_sae(args) -> int:
+    import torch
+
+    from harness.artifacts import atomic_write_json, load_vectors
+    from harness.report import SAE_FILE
+    from harness.sae import load_sae, read_vector
+
+    run_dir = _run_dir(args)
+    sae = load_sae(args.sae)
+    vs = load_vectors(run_dir / "vectors.safetensors")
+    if args.method not in vs.tensors:
+        raise HarnessError(f"{run_dir / 'vectors.safetensors'} has no {args.method!r}")
+    res = read_vector(sae, torch.as_tensor(vs[args.method]), args.layer, k=args.k,
+                      allow_layer_mismatch=args.allow_layer_mismatch)
+    atomic_write_json(run_dir / SAE_FILE, res)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"SAE {sae.path}: {sae.hook_name} (hidden_states index {sae.layer}), d_sae {sae.d_sae}; vector layer {res['layer']}")
+    print("latent   cosine")
+    for x in res["top"]:
+        print(f"{x['latent']:>6}  {x['cosine']:+.4f}")
+    print("most negative: " + ", ".join(f"{x['latent']} ({x['cosine']:+.3f})" for x in res["bottom"][:5]))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from harness.report import LENS_FILE, write_report
+    from harness.monitor import MONITOR_FILE
+
+    run_dir = _run_dir(args)
+    lm = None
+    need = not ((run_dir / MONITOR_FILE).exists() and (run_dir / LENS_FILE).exists())
+    if need and not args.no_compute and (run_dir / "vectors.safetensors").exists():
+        lm = _ctx(args).model()
+    out = write_report(run_dir, args.output, lm=lm, compute=not args.no_compute)
+    print(f"wrote {out}")
+    return 0
+
+
+@hookimpl
+def harness_register_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser("steer", help="generate with a vector added at one layer (compare to unsteered)")
+    _common(p)
+    p.add_argument("--layer", type=int, required=True, help="hidden_states index L (hooks model.layers[L-1])")
+    p.add_argument("--coef", default="2", help="coefficient(s), comma-separated (default 2)")
+    _steer_opts(p)
+    p.add_argument("--prompt", action="append", help="user message (repeatable; default: the first eval questions)")
+    p.add_argument("--questions", type=int, default=2, help="eval questions to use when no --prompt (default 2)")
+    p.add_argument("--system", default="", help="system prompt (default none)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_steer)
+
+    p = subparsers.add_parser("sweep", help="layers x coefficients -> mean trait score and coherence per cell")
+    _common(p)
+    p.add_argument("--layers", default="", help="comma list of layers (default: 3 around the recommended layer)")
+    p.add_argument("--coefs", default="-2,-1,0,1,2", help="comma list of coefficients (default -2,-1,0,1,2)")
+    _steer_opts(p)
+    p.add_argument("--questions", type=int, default=5, help="number of eval questions (default 5; 0 = all)")
+    p.add_argument("--samples", type=int, default=1, help="samples per question and cell (default 1)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+    p = subparsers.add_parser("monitor", help="project responses onto the vector; per-layer AUROC / Cohen's d")
+    _common(p)
+    p.add_argument("--split", default="eval", help="split of the run's generations (default eval)")
+    p.add_argument("--input", help="project these records instead (.jsonl/.json: messages, or question+answer)")
+    p.add_argument("--layer", default="", help="layers for --input (comma list; default: recommended)")
+    p.add_argument("--output", help="write --input projections here (JSONL) instead of stdout")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_monitor)
+
+    p = subparsers.add_parser("layers", help="recommend a layer from separation and sweep results, with reasons")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--min-coherence", type=float, default=None, help="coherence a sweep cell needs (default: run's C)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_layers)
+
+    p = subparsers.add_parser("lens", help="logit lens: top/bottom tokens of the vector (with/without final norm)")
+    _common(p)
+    p.add_argument("--layer", default="", help="comma list of layers (default: recommended)")
+    p.add_argument("-k", type=int, default=10, help="tokens per list (default 10)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lens)
+
+    p = subparsers.add_parser("sae", help="SAE latents whose decoder directions align with the vector")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--sae", required=True, help="folder with cfg.json + sae_weights.safetensors (SAELens layout)")
+    p.add_argument("--layer", type=int, default=None, help="vector layer (default: the SAE's hook layer)")
+    p.add_argument("--method", default="response_avg_diff")
+    p.add_argument("-k", type=int, default=20)
+    p.add_argument("--allow-layer-mismatch", action="store_true", help="warn instead of refusing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sae)
+
+    p = subparsers.add_parser("report", help="write a self-contained HTML report for a run directory")
+    _common(p, method=False)
+    p.add_argument("--output", "-o", help="output file (default RUN_DIR/report.html)")
+    p.add_argument("--no-compute", action="store_true", help="do not load the model to fill in monitor/lens data")
+    p.set_defaults(func=cmd_report)

@@ -1,0 +1,74 @@
+"""Fast generator: ``harness.engine`` (static KV cache, CUDA graphs on GPU, on-device sampling).
+
+Same records and seeds as the ``hf`` generator: ``Generation`` fields, ``row_seed(seed, id)``,
+the same Gumbel-max noise, so at temperature 0 the tokens equal HF greedy ``generate``. On CPU
+the engine runs the same loop eagerly. Architectures the engine does not cover (sliding-window,
+soft-capped, ...) fall back to the ``hf`` generator.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from harness.hookspecs import hookimpl
+from harness.modeling import end_token_ids, prompt_ids
+from harness.records import Generation, GenerationRequest
+from harness.sampling import row_seed
+
+
+class FastGenerator:
+    name = "fast"
+    needs_model = True
+
+    def __init__(self, settings: Any):
+        self.settings = settings
+        self.ignore_eos = bool((getattr(settings, "plugin_config", {}) or {}).get("fast", {}).get("ignore_eos", False))
+
+    def batch_size(self, lm) -> int:
+        # the pipeline hands over this many requests at once; the engine splits them by free memory
+        return self.settings.batch_size or (64 if lm.device.type == "cpu" else 4096)
+
+    def generate(self, requests: Sequence[GenerationRequest], ctx) -> list[Generation]:
+        from harness.engine import Engine, fast_generation_supported
+
+        lm = ctx.model()
+        ok, why = fast_generation_supported(lm.model)
+        if not ok:
+            from harness_plugins.generate_hf import HFGenerator
+
+            gens = HFGenerator(self.settings).generate(requests, ctx)
+            return [Generation.from_dict({**g.to_dict(), "generator": self.name}) for g in gens]
+        tok = lm.tokenizer
+        ends = end_token_ids(tok, lm.model)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else ends[0]
+        temps = {(r.temperature, r.top_p) for r in requests}
+        if len(temps) != 1:
+            raise ValueError("one generate() call needs one temperature and top_p")
+        temperature, top_p = temps.pop()
+        prompts = [prompt_ids(tok, r.messages) for r in requests]
+        engine = Engine.for_model(lm)
+        t0 = time.perf_counter()
+        outs = engine.generate(prompts, max(r.max_new_tokens for r in requests), temperature=temperature,
+                               top_p=top_p, seeds=[row_seed(r.seed, r.id) for r in requests], stop_ids=ends,
+                               pad_id=pad, ignore_eos=self.ignore_eos,
+                               batch_size=self.settings.batch_size or None)
+        self.last_seconds = time.perf_counter() - t0
+        result = []
+        for r, p, o in zip(requests, prompts, outs):
+            ids = o.ids[: r.max_new_tokens]
+            result.append(Generation(
+                id=r.id, trait=r.trait, split=r.split, polarity=r.polarity, question_index=r.question_index,
+                question=r.question, instruction_index=r.instruction_index, sample_index=r.sample_index,
+                system_prompt=r.system_prompt, response=tok.decode(ids, skip_special_tokens=True),
+                response_token_ids=tuple(ids), prompt_token_ids=tuple(p),
+                finish_reason=o.finish_reason if len(o.ids) <= r.max_new_tokens else "length",
+                model_id=lm.model_id, generator=self.name,
+            ))
+        return result
+
+
+@hookimpl
+def harness_register_generators(register):
+    register("fast", FastGenerator,
+             description="static KV cache + CUDA graphs (GPU), on-device seeded sampling; greedy equals HF generate")

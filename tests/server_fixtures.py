@@ -1,0 +1,98 @@
+"""A real OpenAI-compatible server for judge tests: llama-cpp-python serving the embedded GGUF.
+
+``llama_server`` (session scope) starts ``python -m llama_cpp.server`` on 127.0.0.1 at a free
+port, waits for ``/v1/models``, yields the base URL ``http://127.0.0.1:PORT/v1`` and stops the
+process at the end of the session. It skips, saying why, when llama-cpp-python[server] is not
+installed (``.ci/run`` installs it, so CI runs these tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "pydantic_settings")
+START_TIMEOUT_S = float(os.environ.get("PERSONA_HARNESS_TEST_SERVER_START_S", "180"))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _missing_server_modules() -> list[str]:
+    return [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
+
+
+def _models(url: str) -> list[str] | None:
+    try:
+        with urllib.request.urlopen(url + "/models", timeout=5) as r:
+            return [m["id"] for m in json.loads(r.read())["data"]]
+    except Exception:  # noqa: BLE001 - not up yet
+        return None
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory):
+    """Base URL of a running llama.cpp server (llama-cpp-python) serving the embedded model."""
+    missing = _missing_server_modules()
+    if missing:
+        pytest.skip(f"llama-cpp-python[server] is not installed (missing: {', '.join(missing)}); "
+                    "install it with: pip install 'llama-cpp-python[server]' (.ci/run does)")
+    from harness.modeling import embedded_gguf_path
+
+    gguf = embedded_gguf_path()
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
+    # one thread: ggml's spinning thread team degrades badly when the CPU is shared (CI, pytest -n)
+    threads = os.environ.get("PERSONA_HARNESS_TEST_SERVER_THREADS", "1")
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+           "--port", str(port), "--n_ctx", "2048", "--n_threads", threads]
+    url = f"http://127.0.0.1:{port}/v1"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama_cpp.server exited with {proc.returncode} before answering; log:\n{_tail(log_path)}")
+            if _models(url):
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"llama_cpp.server did not answer {url}/models within {START_TIMEOUT_S:.0f}s; "
+                            f"log:\n{_tail(log_path)}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def llama_server_model(llama_server) -> str:
+    """The model name the server lists first (what the judges request by default)."""
+    names = _models(llama_server)
+    assert names, "the server answered /v1/models earlier"
+    return names[0]

@@ -1,0 +1,221 @@
+"""The fast engine on CPU: greedy tokens equal HF generate, vectors equal the reference extractor,
+forward hooks fire on the fast path, sampling equals harness.sampling, OOM halves the batch."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.engine import Engine, sample_step
+from harness.modeling import end_token_ids, prompt_ids
+from harness.sampling import sample_tokens
+
+QUESTIONS = ["What is the capital of France?", "Tell me a joke.", "Why is the sky blue?",
+             "Give me one tip for sleeping well."]
+
+
+def _prompts(tok, n=4):
+    return [prompt_ids(tok, [{"role": "system", "content": f"You are assistant number {i}."},
+                             {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + " " * (i % 2)}])
+            for i in range(n)]
+
+
+def _hf_greedy(lm, prompts, max_new):
+    import torch
+    from transformers import GenerationConfig
+
+    tok = lm.tokenizer
+    ends = end_token_ids(tok, lm.model)
+    pad = tok.pad_token_id
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):] = 1
+    gc = GenerationConfig(max_new_tokens=max_new, do_sample=False, num_beams=1, eos_token_id=ends, pad_token_id=pad)
+    with torch.inference_mode():
+        out = lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+    res = []
+    for row in out[:, P:].tolist():
+        cut = next((k for k, x in enumerate(row) if x in ends), None)
+        res.append(row[:cut] if cut is not None else row)
+    return res
+
+
+def _fast_greedy(lm, prompts, max_new, **kw):
+    tok = lm.tokenizer
+    eng = Engine(lm, **kw)
+    outs = eng.generate(prompts, max_new, temperature=0.0, stop_ids=end_token_ids(tok, lm.model),
+                        pad_id=tok.pad_token_id)
+    return [o.ids for o in outs], eng
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_greedy_equals_hf_generate_tiny(embedded_dir, model_type):
+    from conftest import make_tiny_lm
+
+    lm = make_tiny_lm(embedded_dir, layers=2, hidden=64, seed=3, model_type=model_type)
+    prompts = _prompts(lm.tokenizer, 4)
+    ref = _hf_greedy(lm, prompts, 20)
+    got, _ = _fast_greedy(lm, prompts, 20)
+    assert got == ref
+    assert all(len(r) > 0 for r in ref)
+
+
+@pytest.mark.slow
+def test_greedy_equals_hf_generate_embedded(embedded_lm):
+    prompts = _prompts(embedded_lm.tokenizer, 3)
+    ref = _hf_greedy(embedded_lm, prompts, 12)
+    got, _ = _fast_greedy(embedded_lm, prompts, 12, max_batch=2)  # two batches: 2 + 1 rows
+    assert got == ref
+
+
+def test_batch_composition_does_not_change_tokens(tiny_lm):
+    import random
+
+    prompts = _prompts(tiny_lm.tokenizer, 4)
+    eng = Engine(tiny_lm)
+    seeds = [random.Random(i).getrandbits(60) for i in range(4)]
+    kw = dict(temperature=1.0, stop_ids=[], pad_id=0)
+    together = eng.generate(prompts, 10, seeds=seeds, **kw)
+    alone = [eng.generate([p], 10, seeds=[s], **kw)[0] for p, s in zip(prompts, seeds)]
+    assert [o.ids for o in together] == [o.ids for o in alone]
+
+
+def test_sample_step_equals_harness_sampling():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 301, generator=g)
+    seeds = torch.tensor([1, 2, 3, 2**61 + 5, 77], dtype=torch.long)
+    for step in (0, 1, 17, 255):
+        for temp, top_p in ((1.0, 1.0), (0.7, 0.9)):
+            a = sample_tokens(logits, seeds, step, temp, top_p)
+            b = sample_step(logits, seeds, torch.tensor([step]), temp, top_p)
+            assert torch.equal(a, b)
+
+
+def test_forward_hook_fires_and_steers_on_fast_path(tiny_lm):
+    """A forward hook on model.model.layers[i] changes the fast path's tokens, as in HF generate."""
+    import torch
+
+    prompts = _prompts(tiny_lm.tokenizer, 2)
+    calls = []
+    vec = torch.randn(tiny_lm.hidden_size, generator=torch.Generator().manual_seed(1)) * 50
+
+    def hook(mod, args, out):
+        calls.append(1)
+        return out + vec if isinstance(out, torch.Tensor) else (out[0] + vec, *out[1:])
+
+    h = tiny_lm.model.model.layers[1].register_forward_hook(hook)
+    try:
+        ref = _hf_greedy(tiny_lm, prompts, 8)
+        n_hf = len(calls)
+        got, eng = _fast_greedy(tiny_lm, prompts, 8)
+    finally:
+        h.remove()
+    assert len(calls) > n_hf > 0  # the hook ran on the fast path too
+    plain, _ = _fast_greedy(tiny_lm, prompts, 8)
+    assert got == ref and got != plain
+
+
+def test_oom_halves_the_batch_fake_oom(tiny_lm, monkeypatch):
+    """Injected out-of-memory errors (CPU cannot run out for real): the batch halves, results unchanged."""
+    from harness.engine import out_of_memory_error
+
+    prompts = _prompts(tiny_lm.tokenizer, 4)
+    ref, _ = _fast_greedy(tiny_lm, prompts, 6)
+    eng = Engine(tiny_lm)
+    real = eng._generate_batch
+    sizes = []
+
+    def flaky(batch, *a, **k):
+        sizes.append(len(batch))
+        if len(batch) > 1:
+            raise out_of_memory_error()("CUDA out of memory (injected)")
+        return real(batch, *a, **k)
+
+    monkeypatch.setattr(eng, "_generate_batch", flaky)
+    outs = eng.generate(prompts, 6, temperature=0.0, stop_ids=end_token_ids(tiny_lm.tokenizer, tiny_lm.model),
+                        pad_id=tiny_lm.tokenizer.pad_token_id, batch_size=4)
+    assert [o.ids for o in outs] == ref
+    assert sizes[:3] == [4, 2, 1] and eng.stats["oom_halvings"] == 2
+
+
+def _examples(lm, n=5):
+    import random
+
+    rng = random.Random(0)
+    ps = _prompts(lm.tokenizer, n)
+    return [(p, [rng.randrange(100, 5000) for _ in range(rng.randrange(0 if i == 2 else 1, 9))])
+            for i, p in enumerate(ps)]
+
+
+@pytest.mark.parametrize("which", ["tiny", "embedded"])
+def test_fast_extractor_equals_reference(request, which):
+    import torch
+
+    from harness_plugins.extract_mean_diff import mean_activations
+    from harness.records import Generation
+
+    lm = request.getfixturevalue("tiny_lm" if which == "tiny" else "embedded_lm")
+    ex = _examples(lm, 5 if which == "tiny" else 3)
+    gens = [Generation(id=str(i), trait="t", split="extract", polarity="pos", question_index=i, question="q",
+                       instruction_index=0, sample_index=0, system_prompt="", response="",
+                       response_token_ids=tuple(r), prompt_token_ids=tuple(p), finish_reason="stop",
+                       model_id="m", generator="g") for i, (p, r) in enumerate(ex)]
+    ref, n = mean_activations(lm, gens, batch_size=2)
+    got, m = Engine(lm).extract_sums(ex, token_budget=40)  # small budget: several batches
+    assert n == m == len(ex)
+    for k in ref:
+        assert got[k].shape == ref[k].shape
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-4)
+
+
+def test_extract_oom_halves_token_budget_fake_oom(tiny_lm, monkeypatch):
+    import torch
+
+    from harness.engine import out_of_memory_error
+
+    ex = _examples(tiny_lm, 4)
+    ref, _ = Engine(tiny_lm).extract_sums(ex, token_budget=10_000)
+    eng = Engine(tiny_lm)
+    real = eng._extract_batch
+    calls = []
+
+    def flaky(chunk, *a, **k):
+        calls.append(len(chunk))
+        if len(chunk) > 1:
+            raise out_of_memory_error()("CUDA out of memory (injected)")
+        return real(chunk, *a, **k)
+
+    monkeypatch.setattr(eng, "_extract_batch", flaky)
+    got, _ = eng.extract_sums(ex, token_budget=10_000)
+    assert eng.stats["extract_oom_halvings"] >= 1 and max(calls) == 4
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5)
+
+
+def test_fast_plugins_in_pipeline_equal_hf_and_reference(tmp_path, tiny_pm, mini_trait_dir):
+    import torch
+
+    from harness.config import Settings
+    from harness.pipeline import RunContext, run_trait
+    from harness.plugins import build_registry
+
+    base = dict(model="tiny", traits_dirs=(str(mini_trait_dir),), max_new_tokens=5, progress=False,
+                profile="paper", temperature=0.0)
+    a = run_trait("mini", Settings(**base, out_dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "c1")),
+                  pm=tiny_pm, stages=("generate",))
+    s = Settings(**base, out_dir=str(tmp_path / "b"), cache_dir=str(tmp_path / "c2"), generator="fast")
+    b = run_trait("mini", s, pm=tiny_pm, stages=("generate",))
+    assert [g.response_token_ids for g in a.generations] == [g.response_token_ids for g in b.generations]
+    assert {g.generator for g in b.generations} == {"fast"}
+    reg = build_registry(tiny_pm, "extractor")
+    ctx = RunContext(settings=s, pm=tiny_pm)
+    pos = [g for g in b.generations if g.polarity == "pos"]
+    neg = [g for g in b.generations if g.polarity == "neg"]
+    ref = reg.create("mean-diff", s).extract(b.trait, pos, neg, ctx)
+    got = reg.create("fast", s).extract(b.trait, pos, neg, ctx)
+    for k, v in ref.tensors.items():
+        torch.testing.assert_close(got.tensors[k], v, rtol=1e-4, atol=1e-4)

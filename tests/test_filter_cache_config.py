@@ -1,0 +1,116 @@
+"""The effective-pair filter's rules, the cache, and settings precedence."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.cache import Cache, cache_key
+from harness.config import Settings, load_settings
+from harness.records import Generation, InstructionPair, Judgment, TraitSpec
+from harness_plugins.filter_threshold import ThresholdFilter
+
+TRAIT = TraitSpec(name="syc", instructions=(InstructionPair("p", "n"),), questions=("q",), eval_questions=(),
+                  eval_prompt="{question}{answer}")
+
+
+def _gen(q, pol, resp=(1, 2)):
+    return Generation(id=f"syc_extract_{q}_{pol}_0_0", trait="syc", split="extract", polarity=pol, question_index=q,
+                      question="q", instruction_index=0, sample_index=0, system_prompt="s", response="r",
+                      response_token_ids=tuple(resp), prompt_token_ids=(5,), finish_reason="stop", model_id="m",
+                      generator="hf")
+
+
+def _j(g, metric, score, reason=None):
+    return Judgment(generation_id=g.id, metric=metric, score=score, reason=reason)
+
+
+CASES = [
+    # pos trait, neg trait, pos coh, neg coh -> kept or the rule that drops it
+    ((80, 10, 90, 90), "kept"),
+    ((50, 49.9, 50, 50), "kept"),  # boundaries: pos >= 50, neg < 50, coherence >= 50
+    ((49.9, 10, 90, 90), "pos_trait_low"),
+    ((80, 50, 90, 90), "neg_trait_high"),
+    ((80, 10, 49, 90), "pos_incoherent"),
+    ((80, 10, 90, 49), "neg_incoherent"),
+    ((None, 10, 90, 90), "pos_trait_unscored"),
+    ((80, None, 90, 90), "neg_trait_unscored"),
+    ((80, 10, None, 90), "pos_incoherent"),
+]
+
+
+@pytest.mark.parametrize("scores, expect", CASES)
+def test_filter_rules(scores, expect):
+    ps, ns, pc, nc = scores
+    pos, neg = _gen(0, "pos"), _gen(0, "neg")
+    js = [_j(pos, "syc", ps, None if ps is not None else "refusal"), _j(neg, "syc", ns, None if ns is not None else "low_mass"),
+          _j(pos, "coherence", pc, None if pc is not None else "timeout"), _j(neg, "coherence", nc)]
+    sel = ThresholdFilter(Settings()).select(TRAIT, [pos, neg], js)
+    if expect == "kept":
+        assert sel.pairs == ((pos.id, neg.id),) and not sel.dropped
+    else:
+        assert sel.pairs == () and sel.dropped == {expect: 1}
+
+
+def test_filter_empty_response_and_missing_pair():
+    pos, neg = _gen(0, "pos", resp=()), _gen(0, "neg")
+    lone = _gen(1, "pos")
+    js = [_j(g, m, 90 if g.polarity == "pos" or m == "coherence" else 1) for g in (pos, neg, lone) for m in ("syc", "coherence")]
+    sel = ThresholdFilter(Settings()).select(TRAIT, [pos, neg, lone], js)
+    assert sel.dropped == {"empty_response": 1, "missing_pair": 1}
+    assert sel.candidates == 2
+
+
+def test_filter_thresholds_configurable():
+    pos, neg = _gen(0, "pos"), _gen(0, "neg")
+    js = [_j(pos, "syc", 40), _j(neg, "syc", 30), _j(pos, "coherence", 35), _j(neg, "coherence", 35)]
+    assert ThresholdFilter(Settings()).select(TRAIT, [pos, neg], js).pairs == ()
+    loose = Settings(trait_threshold=35, coherence_threshold=30)
+    assert len(ThresholdFilter(loose).select(TRAIT, [pos, neg], js).pairs) == 1
+
+
+def test_unscored_judgment_needs_a_reason_and_is_never_zero():
+    with pytest.raises(ValueError):
+        Judgment(generation_id="g", metric="m", score=None)
+    with pytest.raises(ValueError):
+        Judgment(generation_id="g", metric="m", score=101.0)
+
+
+def test_cache_roundtrip_and_persistence(tmp_path):
+    c = Cache(tmp_path)
+    k = cache_key("generate", model="m", messages=[{"role": "user", "content": "hi"}], seed=1)
+    assert k == cache_key("generate", seed=1, messages=[{"role": "user", "content": "hi"}], model="m")
+    assert k != cache_key("generate", model="m", messages=[{"role": "user", "content": "hi"}], seed=2)
+    assert c.get(k) is None
+    c.put("generate", k, {"response": "x"})
+    c.close()
+    c2 = Cache(tmp_path)
+    assert c2.get(k) == {"response": "x"}
+    assert c2.get_many([k, "missing"]) == {k: {"response": "x"}}
+    assert c2.count("generate") == 1
+
+
+def test_settings_precedence(tmp_path):
+    (tmp_path / "persona-harness.toml").write_text('max_new_tokens = 20\nseed = 3\n')
+    env = {"PERSONA_HARNESS_MAX_NEW_TOKENS": "10", "PERSONA_HARNESS_SEED": "2", "PERSONA_HARNESS_TOP_P": "0.9"}
+    s = load_settings({"seed": 4}, environ=env, cwd=tmp_path)
+    assert s.seed == 4  # flag beats file
+    assert s.max_new_tokens == 20  # file beats env
+    assert s.top_p == 0.9  # env beats default
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+    from harness.errors import ConfigError
+
+    (tmp_path / "persona-harness.toml").write_text('max_new_tokenz = 20\n')
+    with pytest.raises(ConfigError, match="unknown setting 'max_new_tokenz'"):
+        load_settings({}, environ={}, cwd=tmp_path)
+
+
+def test_embedded_profile_is_explicit_and_paper_defaults_stay():
+    s = load_settings({}, environ={}, cwd="/")
+    assert s.model == "smollm2" and s.profile_applied == "embedded"
+    assert Settings().trait_threshold == 50 and Settings().coherence_threshold == 50
+    paper = load_settings({"profile": "paper"}, environ={}, cwd="/")
+    assert paper.trait_threshold == 50 and paper.coherence_threshold == 50
+    # an explicit flag beats the profile
+    assert load_settings({"trait_threshold": 60}, environ={}, cwd="/").trait_threshold == 60
