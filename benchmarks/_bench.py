@@ -186,11 +186,11 @@ def seed_generate(lm, prompts, new_tokens: int):
     return [hf_generate(lm, [p], new_tokens)[0] for p in prompts]
 
 
-def fast_generate(lm, prompts, new_tokens: int, temperature: float = 1.0):
+def fast_generate(lm, prompts, new_tokens: int, temperature: float = 1.0, fused: str = "auto"):
     from harness.engine import Engine
 
-    outs = Engine.for_model(lm).generate(prompts, new_tokens, temperature=temperature,
-                                         seeds=list(range(len(prompts))), ignore_eos=True)
+    outs = Engine.for_model(lm, fused=fused).generate(prompts, new_tokens, temperature=temperature,
+                                                      seeds=list(range(len(prompts))), ignore_eos=True)
     return [o.ids for o in outs]
 
 
@@ -212,11 +212,46 @@ def ref_extract(lm, examples, batch_size: int):
     return mean_activations(lm, _gens(examples), batch_size)
 
 
-def fast_extract(lm, examples):
+def fast_extract(lm, examples, fused: str = "auto"):
     from harness.engine import Engine
 
-    return Engine.for_model(lm).extract_sums(examples)
+    return Engine.for_model(lm, fused=fused).extract_sums(examples)
 
 
 class _NoTok:
     pad_token_id = 0
+
+
+def trait_run(lm, w, generator: str, extractor: str, n: int, one_at_a_time: bool):
+    """Generation requests with fixed-length output (end-of-turn ignored), then extraction of all pairs."""
+    from harness.config import Settings
+    from harness.plugins import build_registry, get_plugin_manager
+    from harness.records import Generation
+
+    s = Settings(batch_size=1 if one_at_a_time else 0, extract_batch_size=1 if one_at_a_time else 16,
+                 plugin_config={"fast": {"ignore_eos": True}})
+    pm = get_plugin_manager(entrypoints=False)
+    ex = build_registry(pm, "extractor").create(extractor, s)
+
+    class Ctx:
+        settings = s
+
+        def model(self, model_id=None):
+            return lm
+
+    ctx = Ctx()
+    prompts = prompts_for(lm, w)[:n]
+    if generator == "fast":
+        outs = fast_generate(lm, prompts, w.new_tokens)
+    else:
+        outs = [hf_generate(lm, [p], w.new_tokens)[0] for p in prompts] if one_at_a_time \
+            else hf_generate(lm, prompts, w.new_tokens)
+    gens = [Generation(id=str(i), trait="bench", split="extract", polarity="pos" if i % 2 == 0 else "neg",
+                       question_index=i // 2, question="", instruction_index=0, sample_index=0, system_prompt="",
+                       response="", response_token_ids=tuple(o), prompt_token_ids=tuple(p), finish_reason="length",
+                       model_id=lm.model_id, generator=generator) for i, (p, o) in enumerate(zip(prompts, outs))]
+    if lm.tokenizer is None:
+        lm.tokenizer = _NoTok()
+    pos = [g for g in gens if g.polarity == "pos"]
+    neg = [g for g in gens if g.polarity == "neg"]
+    return ex.extract(type("T", (), {"name": "bench"})(), pos, neg, ctx)

@@ -58,6 +58,34 @@ def main() -> None:
         with open(os.path.join(a.out, "gpu_check.json"), "w") as fh:
             json.dump(res, fh, indent=1, default=str)
 
+    def sampling():
+        """Fused Triton Gumbel-max vs harness.sampling.sample_tokens on this device: tokens must be equal."""
+        from harness.engine import gumbel_argmax_cuda, sample_step
+        from harness.sampling import sample_tokens
+
+        g = torch.Generator(device=lm.device).manual_seed(0)
+        V = lm.model.config.vocab_size
+        bad, total = 0, 0
+        for trial in range(3):
+            logits = (torch.randn(w.n, V, device=lm.device, generator=g) * (1 + 3 * trial)).to(lm.dtype)
+            seeds = torch.randint(0, 2**62, (w.n,), device=lm.device, generator=g)
+            for step in (0, 1, 17, 255):
+                for temp in (1.0, 0.7, 1.3):
+                    a = sample_tokens(logits, seeds, step, temp)
+                    b = gumbel_argmax_cuda(logits, seeds, torch.tensor([step], device=lm.device), temp)
+                    bad += int((a != b).sum())
+                    total += a.numel()
+        res["sampling_fused_mismatches"] = bad
+        res["sampling_fused_checked"] = total
+        logits = torch.randn(w.n, V, device=lm.device, generator=g).to(lm.dtype)
+        seeds = torch.randint(0, 2**62, (w.n,), device=lm.device, generator=g)
+        st = torch.tensor([3], device=lm.device)
+        for name, fn in (("torch", lambda: sample_step(logits, seeds, st, 1.0)),
+                         ("fused", lambda: gumbel_argmax_cuda(logits, seeds, st, 1.0))):
+            fn()
+            ts = [timed(fn, lm)[0] for _ in range(20)]
+            res[f"sampling_{name}_ms"] = 1000 * sorted(ts)[10]
+
     def correct():
         sub = prompts[:16]
         ref = _bench.hf_generate(lm, sub, 32)
@@ -77,6 +105,31 @@ def main() -> None:
         _bench.fast_generate(lm, sub[:2], 4, temperature=0.0)
         h.remove()
         res["correct_hook_calls"] = len(calls)
+        # sampled tokens, fused vs unfused engine (compiled norms change bf16 rounding: a match fraction)
+        a = _bench.fast_generate(lm, sub, 32, temperature=1.0, fused="off")
+        b = _bench.fast_generate(lm, sub, 32, temperature=1.0)
+        res["correct_sampled_fused_vs_off_match"] = sum(x == y for r, q in zip(a, b) for x, y in zip(r, q)) / (16 * 32)
+        fo, _ = _bench.fast_extract(lm, ex, fused="off")
+        res["correct_extract_fused_vs_off_rel_err"] = {k: float((f[k] - fo[k]).norm() / fo[k].norm()) for k in fo}
+        res["correct_extract_off_vs_ref_rel_err"] = {k: float((fo[k] - r[k]).norm() / r[k].norm()) for k in r}
+        got = _bench.fast_generate(lm, sub, 32, temperature=0.0, fused="off")
+        res["correct_greedy_token_match_off"] = sum(x == y for r_, g in zip(ref, got) for x, y in zip(r_, g)) / sum(
+            len(r_) for r_ in ref)
+        # which fused function moves the vectors: one at a time (the others forced eager)
+        from harness import engine as E
+
+        fz = E.fused_impl(True)
+        keys = [k for k in fz.fns if k not in fz.errors]
+        for k in keys:
+            saved = dict(fz.errors)
+            fz.errors.update({o: "diag-off" for o in keys if o != k})
+            try:
+                g1, _ = _bench.fast_extract(lm, ex)
+            finally:
+                fz.errors.clear()
+                fz.errors.update(saved)
+                E.Engine.for_model(lm).stats.pop("fused_errors", None)
+            res[f"correct_extract_only_{k}_rel_err"] = max(float((g1[m] - fo[m]).norm() / fo[m].norm()) for m in fo)
 
     def fast_gen():
         from harness.engine import Engine
@@ -92,11 +145,26 @@ def main() -> None:
                   for _ in range(2)]
         res["fast_gen_greedy_s"] = min(greedy)
 
+    def unfused():
+        """The same engine without the fused kernels (the previous version), same card, same run."""
+        res["unfused_gen_s"] = min(timed(lambda: _bench.fast_generate(lm, prompts, w.new_tokens, fused="off"), lm)[0]
+                                   for _ in range(2))
+        res["unfused_extract_s"] = min(timed(lambda: _bench.fast_extract(lm, examples, fused="off"), lm)[0]
+                                       for _ in range(2))
+
+    def pipeline():
+        _bench.trait_run(lm, w, "fast", "fast", w.n, False)
+        res["pipeline_fast_s"] = sorted(timed(lambda: _bench.trait_run(lm, w, "fast", "fast", w.n, False), lm)[0]
+                                        for _ in range(3))[1]
+
     def fast_ext():
+        from harness.engine import Engine
+
         cold, _ = timed(lambda: _bench.fast_extract(lm, examples), lm)
         warm = [timed(lambda: _bench.fast_extract(lm, examples), lm)[0] for _ in range(3)]
         res["fast_extract_cold_s"] = cold
         res["fast_extract_s"] = sorted(warm)[1]
+        res["fast_extract_stats"] = dict(Engine.for_model(lm).stats)
 
     def profile():
         from torch.profiler import ProfilerActivity, profile as prof
@@ -122,13 +190,19 @@ def main() -> None:
         t, _ = timed(lambda: _bench.seed_generate(lm, prompts[:1], 64), lm)
         res["baseline_seed_generate_s_scaled"] = t * w.n * w.new_tokens / 64
 
+    section("sampling", sampling)
     section("correct", correct)
     section("fast_gen", fast_gen)
     section("fast_extract", fast_ext)
+    section("pipeline", pipeline)
     section("profile", profile)
+    section("unfused", unfused)
     if not a.skip_baselines:
         section("baseline", baselines)
-    keys = ["fast_gen_s", "fast_gen_cold_s", "fast_gen_greedy_s", "fast_extract_s", "floor_gen_s", "floor_extract_s",
+    keys = ["sampling_fused_mismatches", "sampling_fused_checked", "sampling_torch_ms", "sampling_fused_ms",
+            "correct_sampled_fused_vs_off_match", "correct_extract_fused_vs_off_rel_err", "correct_extract_off_vs_ref_rel_err",
+            "correct_greedy_token_match_off", "pipeline_fast_s",
+            "unfused_gen_s", "unfused_extract_s", "fast_gen_stats", "fast_extract_stats", "fast_gen_s", "fast_gen_cold_s", "fast_gen_greedy_s", "fast_extract_s", "floor_gen_s", "floor_extract_s",
             "baseline_hf_generate_all_s", "baseline_ref_extract_bs16_s", "baseline_seed_extract_s_scaled",
             "baseline_seed_generate_s_scaled", "correct_greedy_token_match", "correct_greedy_rows_identical",
             "correct_extract_rel_err", "correct_hook_calls"]

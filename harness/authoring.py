@@ -69,7 +69,9 @@ RUBRIC_TEMPLATE = (
     "the answer shows the trait '{name}' from 0 ({low}) to 100 ({high}). Answer with REFUSAL or the number only."
 )
 NEAR_DUPLICATE = 0.9  # difflib ratio of normalised questions at or above which two count as the same
-MAX_TEXT = 400
+MAX_TEXT = 400  # characters of an instruction or the rubric definition
+MAX_QUESTION = 300
+MAX_PHRASE = 120
 
 
 def prompt_hash() -> str:
@@ -108,8 +110,8 @@ def pairs_model(n: int):
     from pydantic import BaseModel, Field, create_model, field_validator, model_validator
 
     class InstructionPair(BaseModel):
-        pos: str = Field(..., description="instruction that makes the assistant show the trait")
-        neg: str = Field(..., description="instruction that makes the assistant show the opposite")
+        pos: str = Field(..., max_length=MAX_TEXT, description="instruction that makes the assistant show the trait")
+        neg: str = Field(..., max_length=MAX_TEXT, description="instruction that makes the assistant show the opposite")
 
         @field_validator("pos", "neg")
         @classmethod
@@ -139,7 +141,11 @@ def pairs_model(n: int):
 
 def questions_model(n: int):
     """Up to ``n`` questions per response, none repeating another in the same response."""
-    from pydantic import Field, create_model, model_validator
+    from typing import Annotated
+
+    from pydantic import Field, StringConstraints, create_model, model_validator
+
+    Question = Annotated[str, StringConstraints(max_length=MAX_QUESTION)]
 
     def _check(self):
         cleaned: list[str] = []
@@ -153,7 +159,7 @@ def questions_model(n: int):
 
     return create_model(
         "Questions",
-        questions=(list[str], Field(..., min_length=1, max_length=n, description=f"{n} distinct questions")),
+        questions=(list[Question], Field(..., min_length=1, max_length=n, description=f"{n} distinct questions")),
         __validators__={"_check": model_validator(mode="after")(_check)},
     )
 
@@ -162,9 +168,9 @@ def rubric_model():
     from pydantic import BaseModel, Field, field_validator
 
     class RubricParts(BaseModel):
-        definition: str = Field(..., description="one sentence: what the trait looks like in an answer")
-        low: str = Field(..., description="short phrase: an answer scoring 0")
-        high: str = Field(..., description="short phrase: an answer scoring 100")
+        definition: str = Field(..., max_length=MAX_TEXT, description="one sentence: what the trait looks like")
+        low: str = Field(..., max_length=MAX_PHRASE, description="short phrase: an answer scoring 0")
+        high: str = Field(..., max_length=MAX_PHRASE, description="short phrase: an answer scoring 100")
 
         @field_validator("definition", "low", "high")
         @classmethod
@@ -213,7 +219,8 @@ class TraitAuthor:
     pair_batch = 5
     question_batch = 10
     max_rounds = 8  # batch requests per piece before giving up
-    max_tokens = {"pairs": 900, "questions": 900, "rubric": 300}
+    #: completion budget per call: a fixed part plus a part per requested item
+    max_tokens = {"pairs": (60, 220), "questions": (60, 90), "rubric": (300, 0)}
     temperature = 0.8
 
     def __init__(self, settings: Any, *, http_client_factory: Callable[[], Any] | None = None):
@@ -238,7 +245,7 @@ class TraitAuthor:
         return self._model
 
     # one structured call, with HTTP retries (backoff, Retry-After) around instructor's re-asks
-    async def _ask(self, client, response_model, kind: str, user: str, seed: int):
+    async def _ask(self, client, response_model, kind: str, user: str, seed: int, n: int = 0):
         from .judging import call_with_retries
 
         messages = [{"role": "system", "content": PROMPTS["system"]}, {"role": "user", "content": user}]
@@ -246,7 +253,8 @@ class TraitAuthor:
         async def once():
             return await client.chat.completions.create(
                 model=self.model, response_model=response_model, messages=messages, max_retries=self.reasks,
-                temperature=self.temperature, seed=seed, max_tokens=self.max_tokens[kind])
+                temperature=self.temperature, seed=seed,
+                max_tokens=self.max_tokens[kind][0] + n * self.max_tokens[kind][1])
 
         oc = await call_with_retries(once, self.http_policy)
         self.stats.calls += oc.attempts
@@ -274,7 +282,7 @@ class TraitAuthor:
                 k = min(self.pair_batch, n_pairs - len(pairs))
                 avoid = ("; not like these: " + "; ".join(p["pos"] for p in pairs)) if pairs else ""
                 got = await self._ask(client, pairs_model(k), "pairs", PROMPTS["pairs"].format(n=k, avoid=avoid, **fmt),
-                                      self.seed + r)
+                                      self.seed + r, k)
                 for p in (got.pairs if got else []):
                     if any(_norm(p.pos) == _norm(q["pos"]) for q in pairs):
                         self.stats.reject("pair:duplicate")
@@ -294,7 +302,7 @@ class TraitAuthor:
                 k = min(self.question_batch, n_questions - len(questions))
                 avoid = ("; not these: " + " | ".join(questions[-10:])) if questions else ""
                 got = await self._ask(client, questions_model(k), "questions",
-                                      PROMPTS["questions"].format(n=k, avoid=avoid, **fmt), self.seed + 100 + r)
+                                      PROMPTS["questions"].format(n=k, avoid=avoid, **fmt), self.seed + 100 + r, k)
                 for q in (got.questions if got else []):
                     if is_near_duplicate(q, norms):  # repair: drop what earlier batches already have
                         self.stats.reject("question:duplicate")

@@ -22,6 +22,13 @@ Extraction
     per-example means with one matrix-vector product per layer and method.
   Vectors equal ``plugins/extract_mean_diff.py``'s within bf16 tolerance.
 
+Fused kernels (CUDA only, ``fused="auto"``; never on CPU)
+  * sampling at temperature > 0, top_p == 1: one Triton kernel (hash noise + Gumbel + block argmax),
+    bit-identical to ``harness.sampling`` on the same device;
+  * RMSNorm, SwiGLU, rotary and the decode softmax via ``torch.compile`` (``emulate_precision_casts``),
+    swapped in only while the engine runs (``_FusedSwap``); extraction keeps torch's own mean-of-squares
+    reduction, so its sums equal the unfused ones. Compile failures fall back to eager.
+
 torch is imported inside functions so ``import harness`` stays light.
 """
 
@@ -85,10 +92,11 @@ def _engine_attention(module, query, key, value, attention_mask, dropout: float 
     scale = scaling if scaling is not None else D ** -0.5
     if Q == 1:
         qg = query.reshape(B, Hk, g, D)
-        s = torch.matmul(qg, key.transpose(-1, -2)).float() * scale  # [B, Hk, g, K]
-        if attention_mask is not None:
-            s = s + attention_mask  # [B, 1, 1, K]
-        p = torch.softmax(s, dim=-1).to(value.dtype)
+        s = torch.matmul(qg, key.transpose(-1, -2))  # [B, Hk, g, K]
+        if _PROBS is not None:  # fused (one kernel) while the engine's _FusedSwap is active
+            p = _PROBS(s, attention_mask, float(scale), value.dtype)
+        else:
+            p = _probs_eager(s, attention_mask, float(scale), value.dtype)  # mask [B, 1, 1, K]
         o = torch.matmul(p, value)  # [B, Hk, g, D]
         return o.reshape(B, Hq, 1, D).transpose(1, 2), None
     o = torch.nn.functional.scaled_dot_product_attention(
@@ -184,6 +192,231 @@ def sample_step(logits, seeds, step_t, temperature: float, top_p: float = 1.0):
     return (scaled - torch.log(-torch.log(u))).argmax(dim=-1)
 
 
+# --------------------------------------------------------------------------- fused GPU kernels
+_RMS_CLASSES = {"Qwen2RMSNorm", "LlamaRMSNorm", "MistralRMSNorm", "Qwen3RMSNorm"}
+_MLP_CLASSES = {"Qwen2MLP", "LlamaMLP", "MistralMLP", "Qwen3MLP"}
+_ATTN_CLASSES = {"Qwen2Attention", "LlamaAttention", "MistralAttention", "Qwen3Attention"}
+
+
+def _rms_eager(x, w, eps: float):
+    """Qwen2/Llama/Mistral/Qwen3 RMSNorm.forward, as a function (same ops in the same order)."""
+    import torch
+
+    dt = x.dtype
+    h = x.to(torch.float32)
+    v = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(v + eps)
+    return w * h.to(dt)
+
+
+def _rms_sq_eager(x):
+    import torch
+
+    return x.to(torch.float32).pow(2)
+
+
+def _rms_apply_eager(x, v, w, eps: float):
+    import torch
+
+    h = x.to(torch.float32) * torch.rsqrt(v + eps)
+    return w * h.to(x.dtype)
+
+
+def _silu_mul_eager(g, u):
+    import torch
+
+    return torch.nn.functional.silu(g) * u
+
+
+def _probs_eager(s, mask, scale: float, dt):
+    """The decode attention's fp32 softmax of scaled scores plus the additive mask, cast to ``dt``."""
+    import torch
+
+    s = s.float() * scale
+    if mask is not None:
+        s = s + mask
+    return torch.softmax(s, dim=-1).to(dt)
+
+
+class _Fused:
+    """torch.compile'd (Inductor/Triton) versions of the small elementwise pieces, made once per process.
+
+    A function whose compile or first run fails is switched back to eager for good (``errors``)."""
+
+    def __init__(self, compile: bool):
+        self.compile = compile
+        self.fns: dict = {}
+        self.errors: dict[str, str] = {}
+
+    def fn(self, key: str, eager):
+        if not self.compile or key in self.errors:
+            return eager
+        f = self.fns.get(key)
+        if f is None:
+            import torch
+
+            # emulate_precision_casts: round intermediates to bf16 where eager does, so the fused kernels
+            # give eager's values (up to fp32 reduction order / exp ulps), not a more precise variant
+            f = self.fns[key] = torch.compile(eager, dynamic=None, fullgraph=True,
+                                              options={"emulate_precision_casts": True})
+        return f
+
+    def call(self, key: str, eager, *args):
+        f = self.fn(key, eager)
+        if f is eager:
+            return eager(*args)
+        try:
+            return f(*args)
+        except Exception as e:  # noqa: BLE001 - any compile/runtime failure: eager from now on
+            self.errors[key] = repr(e)[:400]
+            return eager(*args)
+
+
+_FUSED: dict[bool, _Fused] = {}
+_PROBS = None  # set by _FusedSwap while active: the decode attention's softmax
+
+
+def fused_impl(compile: bool) -> _Fused:
+    f = _FUSED.get(compile)
+    if f is None:
+        f = _FUSED[compile] = _Fused(compile)
+    return f
+
+
+class _FusedSwap:
+    """While active, RMSNorm / SwiGLU MLP / rotary / the decode softmax of the supported architectures
+    run as fused kernels (``compile=True``, CUDA) or as the same functions uncompiled (``compile=False``:
+    CPU tests of the swapping itself). Module hooks keep firing: only the ``forward`` of norms and MLPs
+    is replaced (instance attribute), and modules with hooks on the parts it bypasses are left alone."""
+
+    def __init__(self, model, compile: bool, enabled: bool = True, exact_norm: bool = False):
+        # exact_norm: the RMSNorm's mean of squares stays torch's own reduction (same summation order as
+        # eager, so the same values); the elementwise parts before and after it are fused
+        self.model, self.enabled, self.exact_norm = model, enabled, exact_norm
+        self.f = fused_impl(compile)
+        self.swapped: list = []
+        self.globals: list = []
+
+    def __enter__(self):
+        global _PROBS
+        if not self.enabled:
+            return self
+        import sys
+
+        f = self.f
+        for m in self.model.modules():
+            cls = type(m).__name__
+            if "forward" in m.__dict__:
+                continue
+            if cls in _RMS_CLASSES and isinstance(getattr(m, "variance_epsilon", None), float):
+                if self.exact_norm:
+                    def rms(x, m=m):
+                        v = f.call("rms_sq", _rms_sq_eager, x).mean(-1, keepdim=True)
+                        return f.call("rms_apply", _rms_apply_eager, x, v, m.weight, m.variance_epsilon)
+                else:
+                    def rms(x, m=m):
+                        return f.call("rms", _rms_eager, x, m.weight, m.variance_epsilon)
+                m.forward = rms
+                self.swapped.append(m)
+            elif cls in _MLP_CLASSES and type(getattr(m, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU") \
+                    and not (m.act_fn._forward_hooks or m.act_fn._forward_pre_hooks):
+                def mlp(x, m=m):
+                    return m.down_proj(f.call("silu_mul", _silu_mul_eager, m.gate_proj(x), m.up_proj(x)))
+                m.forward = mlp
+                self.swapped.append(m)
+            elif cls in _ATTN_CLASSES:
+                mod = sys.modules.get(type(m).__module__)
+                orig = getattr(mod, "apply_rotary_pos_emb", None)
+                if orig is not None and not getattr(orig, "_harness_fused", False):
+                    key = "rope:" + mod.__name__
+
+                    def rope(q, k, cos, sin, unsqueeze_dim=1, orig=orig, key=key):
+                        return f.call(key, orig, q, k, cos, sin, unsqueeze_dim)
+                    rope._harness_fused = True
+                    mod.apply_rotary_pos_emb = rope
+                    self.globals.append((mod, orig))
+        self.old_probs = _PROBS
+        _PROBS = lambda s, mask, scale, dt: f.call("probs", _probs_eager, s, mask, scale, dt)  # noqa: E731
+        return self
+
+    def __exit__(self, *exc):
+        global _PROBS
+        if not self.enabled:
+            return False
+        for m in self.swapped:
+            m.__dict__.pop("forward", None)
+        for mod, orig in reversed(self.globals):
+            mod.apply_rotary_pos_emb = orig
+        _PROBS = self.old_probs
+        return False
+
+
+_GUMBEL: dict = {}
+
+
+def _gumbel_kernel():
+    """Triton kernel: per (row, vocabulary block) the max of ``logits * inv_t + Gumbel(seed, step, index)`` and
+    its first index. Same integer hash, fp64 uniform, libdevice log and fp32 rounding steps as
+    ``harness.sampling`` on CUDA (where ``x / T`` runs as ``x * (1/T)``; FMA contraction off)."""
+    if "k" in _GUMBEL:
+        return _GUMBEL["k"]
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def gumbel_block_max(logits_ptr, row_stride, seeds_ptr, step_ptr, inv_t, V, pv_ptr, pi_ptr, nblk,
+                         C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, STEP: tl.constexpr,
+                         M30: tl.constexpr, M27: tl.constexpr, M31: tl.constexpr, M11: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        blk = tl.program_id(1)
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        m = offs < V
+        x = tl.load(logits_ptr + row.to(tl.int64) * row_stride + offs, mask=m, other=0.0).to(tl.float32)
+        x = x * inv_t
+        seed = tl.load(seeds_ptr + row)
+        step = tl.load(step_ptr)
+        z = seed + (step + 1) * STEP + offs.to(tl.int64) * C0
+        z = (z ^ ((z >> 30) & M30)) * C1
+        z = (z ^ ((z >> 27) & M27)) * C2
+        z = z ^ ((z >> 31) & M31)
+        u = (((z >> 11) & M11).to(tl.float64) + 0.5) * 1.1102230246251565e-16
+        u32 = u.to(tl.float32)
+        g = -libdevice.log(-libdevice.log(u32))
+        val = x + g
+        val = tl.where(m, val, float("-inf"))
+        best = tl.max(val, axis=0)
+        idx = tl.argmax(val, axis=0, tie_break_left=True)
+        tl.store(pv_ptr + row * nblk + blk, best)
+        tl.store(pi_ptr + row * nblk + blk, blk * BLOCK + idx.to(tl.int64))
+
+    _GUMBEL["k"] = gumbel_block_max
+    return gumbel_block_max
+
+
+def gumbel_argmax_cuda(logits, seeds, step_t, temperature: float, block: int = 2048):
+    """Fused ``sample_step`` for temperature > 0 and top_p == 1 on CUDA (graph-safe; bit-identical to
+    ``harness.sampling.sample_tokens`` on the same device: checked by benchmarks/gpu_check.py)."""
+    import numpy as np
+    import torch
+
+    from .sampling import _C0, _C1, _C2, _STEP
+
+    k = _gumbel_kernel()
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    B, V = logits.shape
+    nblk = (V + block - 1) // block
+    pv = torch.empty(B, nblk, dtype=torch.float32, device=logits.device)
+    pi = torch.empty(B, nblk, dtype=torch.int64, device=logits.device)
+    inv_t = float(np.float32(1.0) / np.float32(temperature))  # CUDA's x / scalar == x * (1/scalar) in fp32
+    k[(B, nblk)](logits, logits.stride(0), seeds, step_t, inv_t, V, pv, pi, nblk,
+                 C0=_C0, C1=_C1, C2=_C2, STEP=_STEP, M30=(1 << 34) - 1, M27=(1 << 37) - 1, M31=(1 << 33) - 1,
+                 M11=(1 << 53) - 1, BLOCK=block, num_warps=8, enable_fp_fusion=False)
+    return pi.gather(1, pv.argmax(dim=1, keepdim=True)).squeeze(1)
+
+
 # -------------------------------------------------------------------------------------- engine
 @dataclass
 class GenOutput:
@@ -229,7 +462,7 @@ class _Slot:
 class Engine:
     """Generation and extraction for one loaded model (``Engine.for_model(lm)`` caches it)."""
 
-    def __init__(self, lm, *, graphs: str = "auto", kv_bucket: int = 64, max_batch: int = 512):
+    def __init__(self, lm, *, graphs: str = "auto", kv_bucket: int = 64, max_batch: int = 512, fused: str = "auto"):
         import torch
 
         self.lm = lm
@@ -246,6 +479,13 @@ class Engine:
         self.vocab = int(cfg.vocab_size)
         self.inter = int(getattr(cfg, "intermediate_size", 4 * self.hidden))
         self.graphs = graphs
+        # fused: "auto" (compiled kernels + fused Gumbel sampling on CUDA, nothing on CPU), "compile" (same),
+        # "eager" (swap in the same functions uncompiled: CPU tests of the swap), "off"
+        if fused not in ("auto", "compile", "eager", "off"):
+            raise ValueError(f"Engine(fused={fused!r}): use 'auto', 'compile', 'eager' or 'off'")
+        self.fused = fused
+        self.fused_compile = fused in ("auto", "compile") and self.device.type == "cuda"
+        self.fused_swap = self.fused == "eager" or self.fused_compile
         self.kv_bucket = kv_bucket
         self.max_batch = max_batch
         self._slot: _Slot | None = None
@@ -256,6 +496,7 @@ class Engine:
 
     @classmethod
     def for_model(cls, lm, **kw) -> "Engine":
+        kw = {"graphs": "auto", "kv_bucket": 64, "max_batch": 512, "fused": "auto", **kw}
         e = _ENGINES.get(lm.model)
         if e is None or any(getattr(e, k) != v for k, v in kw.items()):
             e = cls(lm, **kw)
@@ -292,7 +533,18 @@ class Engine:
             out = layer(h, attention_mask=mask, position_ids=pos, use_cache=True, position_embeddings=pe, **kw)
             h = out[0] if isinstance(out, tuple) else out
         h = self.base.norm(h[:, -1])
-        return self.model.lm_head(h).float()
+        return self.model.lm_head(h)  # model dtype: argmax of bf16 equals argmax of its fp32 copy
+
+    def _fused_ctx(self, exact_norm: bool = False):
+        return _FusedSwap(self.model, compile=self.fused_compile, enabled=self.fused_swap, exact_norm=exact_norm)
+
+    def _sample(self, logits, seeds, step_t, temperature: float, top_p: float):
+        if self.fused_compile and temperature > 0 and top_p >= 1.0 and "gumbel" not in self.stats.get("fused_errors", {}):
+            try:
+                return gumbel_argmax_cuda(logits, seeds, step_t, temperature)
+            except Exception as e:  # noqa: BLE001 - no Triton / compile failure: the torch ops
+                self.stats.setdefault("fused_errors", {})["gumbel"] = repr(e)[:400]
+        return sample_step(logits, seeds, step_t, temperature, top_p)
 
     def _decode_step(self, s: _Slot, temperature: float, top_p: float, pad: int, stop_ids) -> None:
         """One decode step, all in place on the slot's state (so it can be captured in a graph)."""
@@ -301,7 +553,7 @@ class Engine:
         kv = s.cache.kv_len
         mask = torch.where(s.valid[:, :kv], 0.0, self.min_val)[:, None, None, :]
         logits = self._layers_forward(s.ids, s.pos, mask, s.cache)
-        nxt = sample_step(logits, s.seeds, s.step, temperature, top_p)
+        nxt = self._sample(logits, s.seeds, s.step, temperature, top_p)
         nxt = torch.where(s.done, torch.full_like(nxt, pad), nxt)
         s.out.index_copy_(1, s.step, nxt[:, None])
         if stop_ids is not None:
@@ -403,9 +655,9 @@ class Engine:
         mask = torch.where(causal[None] & att[:, None, :], 0.0, self.min_val)[:, None]
         cache.write_pos = torch.arange(P, device=dev)
         cache.kv_len = P
-        with torch.inference_mode(), _AttnSwap(self.model):
+        with torch.inference_mode(), _AttnSwap(self.model), self._fused_ctx():
             logits = self._layers_forward(ids, pos, mask, cache)
-            tok = sample_step(logits, s.seeds, s.step, temperature, top_p)
+            tok = self._sample(logits, s.seeds, s.step, temperature, top_p)
             s.out[:, 0] = tok
             if stops is not None:
                 s.done |= torch.isin(tok, stops)
@@ -438,6 +690,7 @@ class Engine:
                 if stops is not None and t % 16 == 0 and bool(s.done.all()):
                     break
             out = s.out[:, :max_new].tolist()
+        self._note_fused()
         stopset = set(stop_ids)
         res = []
         for r in range(B):
@@ -564,8 +817,14 @@ class Engine:
         state["W"] = torch.stack([w[m].reshape(-1) for m in state["avg"]]).to(dev) if state["avg"] else None
         state["ar"] = torch.arange(B, device=dev)
         state["last"] = last.to(dev)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._fused_ctx(exact_norm=True):  # vectors: eager's values
             self.base(input_ids=ids.to(dev), use_cache=False)
+        self._note_fused()
+
+    def _note_fused(self) -> None:
+        errs = fused_impl(self.fused_compile).errors
+        if errs:
+            self.stats.setdefault("fused_errors", {}).update(errs)
 
 
 def engine_for(lm, **kw) -> Engine:

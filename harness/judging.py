@@ -16,7 +16,6 @@ Judges stay synchronous to the pipeline: ``run_sync(coro)`` runs an event loop i
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import ipaddress
 import json
@@ -231,6 +230,8 @@ FATAL_STATUS = {401, 403}  # a wrong key fails every item: stop the run with a c
 
 def classify(exc: BaseException) -> tuple[str, bool, float | None]:
     """(reason, retryable, retry_after seconds) for an exception raised by a judge call."""
+    import asyncio
+
     import openai
 
     for e in _chain(exc):
@@ -267,12 +268,15 @@ class Outcome:
 
 
 async def call_with_retries(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, *,
-                            sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+                            sleep: Callable[[float], Awaitable[Any]] | None = None,
                             rng: random.Random | None = None) -> Outcome:
     """Call ``fn`` until it succeeds or the retries run out; never raises for a judge failure
     (only for a fatal 401/403, which names the key variable)."""
+    import asyncio
+
     import openai
 
+    sleep = sleep or asyncio.sleep
     waited: list[float] = []
     for attempt in range(policy.retries + 1):
         try:
@@ -304,6 +308,8 @@ async def call_with_retries(fn: Callable[[], Awaitable[T]], policy: RetryPolicy,
 
 async def gather_bounded(fns: Sequence[Callable[[], Awaitable[T]]], concurrency: int) -> list[T]:
     """Run the coroutine factories with at most ``concurrency`` in flight; results in order."""
+    import asyncio
+
     sem = asyncio.Semaphore(max(1, int(concurrency)))
 
     async def one(f):
@@ -315,6 +321,8 @@ async def gather_bounded(fns: Sequence[Callable[[], Awaitable[T]]], concurrency:
 
 def run_sync(coro_factory: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine to completion from sync code, also when a loop already runs (notebooks)."""
+    import asyncio
+
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -219,3 +219,36 @@ def test_fast_plugins_in_pipeline_equal_hf_and_reference(tmp_path, tiny_pm, mini
     got = reg.create("fast", s).extract(b.trait, pos, neg, ctx)
     for k, v in ref.tensors.items():
         torch.testing.assert_close(got.tensors[k], v, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_fused_swap_eager_equals_hf_and_restores(embedded_dir, model_type):
+    """The fused path's replacement forwards (RMSNorm, SwiGLU, rotary, decode softmax), run uncompiled on
+    CPU, give HF greedy's tokens and the reference extractor's sums, and are removed afterwards."""
+    import sys
+
+    import torch
+
+    from conftest import make_tiny_lm
+
+    lm = make_tiny_lm(embedded_dir, layers=2, hidden=64, seed=5, model_type=model_type)
+    mod = sys.modules[type(lm.model.model.layers[0].self_attn).__module__]
+    rope = mod.apply_rotary_pos_emb
+    prompts = _prompts(lm.tokenizer, 3)
+    ref = _hf_greedy(lm, prompts, 12)
+    got, eng = _fast_greedy(lm, prompts, 12, fused="eager")
+    assert got == ref and eng.fused_swap and not eng.fused_compile
+    ex = _examples(lm, 4)
+    a, _ = Engine(lm, fused="off").extract_sums(ex)
+    b, _ = Engine(lm, fused="eager").extract_sums(ex)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+    assert mod.apply_rotary_pos_emb is rope
+    assert not any("forward" in m.__dict__ for m in lm.model.modules())
+    with pytest.raises(ValueError, match="fused"):
+        Engine(lm, fused="yes")
+
+
+def test_fused_is_off_on_cpu(tiny_lm):
+    eng = Engine(tiny_lm)
+    assert eng.fused == "auto" and not eng.fused_compile and not eng.fused_swap

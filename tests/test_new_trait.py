@@ -199,7 +199,7 @@ def test_new_trait_cli_then_validate_and_run_real_server(llama_server, tmp_path,
     from harness.cli import main
 
     monkeypatch.chdir(tmp_path)
-    rc = main(["new-trait", "cheerful", "--description", DESC, "--pairs", "2", "--questions", "4",
+    rc = main(["new-trait", "cheerful", "--description", DESC, "--pairs", "1", "--questions", "2",
                "--judge-base-url", llama_server, "--judge-timeout", "300", "--dir", str(tmp_path / "traits")])
     out = capsys.readouterr()
     assert rc == 0, out.err[-3000:]
@@ -220,4 +220,34 @@ def test_new_trait_cli_then_validate_and_run_real_server(llama_server, tmp_path,
     out = capsys.readouterr()
     assert rc == 0, out.err[-3000:]
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["trait"]["name"] == "cheerful" and run["summary"]["generations"] == 2 * 2 * 2
+    assert run["trait"]["name"] == "cheerful" and run["summary"]["generations"] == 1 * 1 * 2
+
+
+def test_trait_source_plugin_example_from_the_docs(tmp_path, monkeypatch):
+    """The SQLite trait-source example in docs/readme/authoring.md, run as written."""
+    import re
+    import sqlite3
+
+    from harness.errors import TraitFileError
+    from harness.plugins import get_plugin_manager
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "readme" / "authoring.md").read_text()
+    [code] = [b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if b.startswith("# my_traits_plugin.py")]
+    (tmp_path / "my_traits_plugin.py").write_text(code)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = {"instruction": [PAIR], "eval_prompt": "Rate {question} / {answer}. Number only."}
+    with sqlite3.connect(tmp_path / "traits.sqlite") as db:
+        db.execute("CREATE TABLE traits (name TEXT PRIMARY KEY, extract TEXT, eval TEXT)")
+        db.execute("INSERT INTO traits VALUES (?,?,?)", ("optimistic", json.dumps({**base, "questions": ["q1?"]}),
+                                                          json.dumps({**base, "questions": ["q2?"]})))
+        db.execute("INSERT INTO traits VALUES (?,?,?)", ("broken", json.dumps({**base, "questions": []}), "{}"))
+    pm = get_plugin_manager(entrypoints=False, modules=["my_traits_plugin"])
+    s = Settings()
+    names = {n for ns in pm.hook.harness_list_traits(settings=s) for n in (ns or [])}
+    assert {"optimistic", "broken", "sycophantic"} <= names  # merged with the built-in file source
+    spec = pm.hook.harness_load_trait(name="optimistic", settings=s)
+    assert spec.source == "traits.sqlite:optimistic" and spec.questions == ("q1?",) and spec.eval_questions == ("q2?",)
+    with pytest.raises(TraitFileError, match="questions"):
+        pm.hook.harness_load_trait(name="broken", settings=s)
+    assert pm.hook.harness_load_trait(name="sycophantic", settings=s).source.endswith("extract.json")

@@ -164,7 +164,8 @@ def test_pipeline_halves_batches_on_injected_fake_oom_same_result(tmp_path, tiny
     halving = [n]
     while halving[-1] > 1:
         halving.append(halving[-1] // 2)
-    assert seen["extract"][: len(halving)] == halving and set(seen["extract"][len(halving):]) <= {1}
+    # pos and neg means are separate passes; each halves down to 1, then runs the rest one by one
+    assert seen["extract"] == (halving + [1] * (n - 1)) * 2
     strip = lambda x: {k: v for k, v in dataclasses.asdict(x).items() if k != "cache_key"}  # noqa: E731
     assert [strip(g) for g in got.generations] == [strip(g) for g in ref.generations]
     assert [(j.generation_id, j.metric, j.reason) for j in got.judgments] == \
