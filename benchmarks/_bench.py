@@ -255,3 +255,23 @@ def trait_run(lm, w, generator: str, extractor: str, n: int, one_at_a_time: bool
     pos = [g for g in gens if g.polarity == "pos"]
     neg = [g for g in gens if g.polarity == "neg"]
     return ex.extract(type("T", (), {"name": "bench"})(), pos, neg, ctx)
+
+
+def run(benchmark, bench, fn, rounds):
+    """Time ``fn`` (pedantic: fixed rounds, one warm-up) and return the median seconds."""
+    lm = bench["lm"]
+
+    def call():
+        r = fn()
+        sync(lm)
+        return r
+
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1 if rounds > 1 else 0, iterations=1)
+    st = getattr(benchmark, "stats", None)
+    if st is None or getattr(st, "stats", None) is None:  # --benchmark-disable: time once ourselves
+        import time
+
+        t = time.perf_counter()
+        call()
+        return time.perf_counter() - t
+    return st.stats.median

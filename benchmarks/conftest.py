@@ -33,25 +33,3 @@ def bench(request):
     lm = _bench.build_model(name)
     w = _bench.work_for(name, smoke)
     return {"lm": lm, "work": w, "info": _bench.device_info(lm), "results": {}}
-
-
-def run(benchmark, bench, fn, rounds):
-    """Time ``fn`` (pedantic: fixed rounds, one warm-up) and return the median seconds."""
-    import _bench
-
-    lm = bench["lm"]
-
-    def call():
-        r = fn()
-        _bench.sync(lm)
-        return r
-
-    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1 if rounds > 1 else 0, iterations=1)
-    st = getattr(benchmark, "stats", None)
-    if st is None or getattr(st, "stats", None) is None:  # --benchmark-disable: time once ourselves
-        import time
-
-        t = time.perf_counter()
-        call()
-        return time.perf_counter() - t
-    return st.stats.median

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import _bench
-from conftest import run
+from _bench import run
 
 
 def _extra(benchmark, bench, key, seconds):

@@ -4,7 +4,7 @@ seed-style components (hf generator one request at a time, mean-diff extractor b
 from __future__ import annotations
 
 import _bench
-from conftest import run
+from _bench import run
 
 
 def _trait_run(bench, generator: str, extractor: str, n: int, one_at_a_time: bool):

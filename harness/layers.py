@@ -79,6 +79,10 @@ def recommend_layer(norms: list[float] | None = None, monitor: dict | None = Non
         lines.append(f"On the {held}{split} split, pos and neg projections separate best at layer {sep['layer']} "
                      f"(AUROC {sep['auroc']:.3f}, Cohen's d {sep.get('cohens_d') or float('nan'):.2f}, "
                      f"{monitor.get('n_pos')} pos vs {monitor.get('n_neg')} neg).")  # type: ignore[union-attr]
+        if sep["auroc"] <= 0.6:
+            res["weak_separation"] = True
+            lines.append(f"No layer separates well (best AUROC {sep['auroc']:.2f} <= 0.60): on held-out data this vector "
+                         "does not tell pos from neg answers, so treat any layer choice as provisional.")
     eff = sweep_effects(sweep, min_coherence) if sweep else []
     good = [e for e in eff if e["effect"] is not None and e["effect"] > 0]
     if sweep:

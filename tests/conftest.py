@@ -16,6 +16,8 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 
 # Fixture modules in tests/ (kept separate so each area owns its file).
+from harness.testing import StaticModelPlugin, make_tiny_lm  # noqa: E402,F401
+
 pytest_plugins = [m for m in ("server_fixtures", "fixtures_extra") if (HERE / f"{m}.py").exists()]
 
 
@@ -35,27 +37,6 @@ def embedded_lm(embedded_dir):
     return load_hf_model("smollm2", device="cpu", dtype="float32")
 
 
-def make_tiny_lm(embedded_dir, *, layers: int = 3, hidden: int = 64, seed: int = 0, model_type: str = "llama"):
-    """A random-weight model from a config, with the embedded model's tokenizer (real chat template)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from harness.modeling import LoadedModel, prepare_tokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(embedded_dir))
-    prepare_tokenizer(tok)
-    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
-                               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                               max_position_embeddings=2048, tie_word_embeddings=True,
-                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                               pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.eval()
-    return LoadedModel(model=model, tokenizer=tok, model_id=f"tiny-{model_type}-{layers}x{hidden}",
-                       device=torch.device("cpu"), dtype=torch.float32, info={"class": type(model).__name__})
-
-
 @pytest.fixture(scope="session")
 def tiny_lm(embedded_dir):
     """A 3-layer, 64-wide random Llama with the real SmolLM2 tokenizer."""
@@ -68,19 +49,6 @@ def pm():
     from harness.plugins import get_plugin_manager
 
     return get_plugin_manager(entrypoints=False)
-
-
-class StaticModelPlugin:
-    """Serve a given LoadedModel for every model id (registered in tests that need it)."""
-
-    def __init__(self, lm):
-        self.lm = lm
-
-    from harness.hookspecs import hookimpl as _hookimpl
-
-    @_hookimpl
-    def harness_load_model(self, model_id, settings):
-        return self.lm
 
 
 @pytest.fixture

@@ -69,7 +69,7 @@ def harness_load_model(model_id, settings):
         return None
     if "tiny" not in _models:
         sys.path.insert(0, str(Path(__file__).parent))
-        from conftest import make_tiny_lm
+        from harness.testing import make_tiny_lm
 
         from harness.modeling import embedded_model_dir
 

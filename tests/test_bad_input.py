@@ -235,7 +235,7 @@ def test_nan_activation_stops_the_run_with_a_clear_error(tmp_path, tiny_pm, embe
     """Generation and judging come from the cache; extraction then meets a model with a NaN weight."""
     import torch
 
-    from conftest import StaticModelPlugin, make_tiny_lm
+    from harness.testing import StaticModelPlugin, make_tiny_lm
     from harness.config import Settings
     from harness.pipeline import run_trait
     from harness.plugins import get_plugin_manager

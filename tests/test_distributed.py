@@ -37,7 +37,7 @@ def _run(rank: int, world: int, port: int, root: str, out: str, extractor: str, 
 
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(__file__))
-    from conftest import StaticModelPlugin, make_tiny_lm
+    from harness.testing import StaticModelPlugin, make_tiny_lm
 
     from harness.config import Settings
     from harness.modeling import embedded_model_dir

@@ -52,7 +52,7 @@ def _fast_greedy(lm, prompts, max_new, **kw):
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_greedy_equals_hf_generate_tiny(embedded_dir, model_type):
-    from conftest import make_tiny_lm
+    from harness.testing import make_tiny_lm
 
     lm = make_tiny_lm(embedded_dir, layers=2, hidden=64, seed=3, model_type=model_type)
     prompts = _prompts(lm.tokenizer, 4)
@@ -229,7 +229,7 @@ def test_fused_swap_eager_equals_hf_and_restores(embedded_dir, model_type):
 
     import torch
 
-    from conftest import make_tiny_lm
+    from harness.testing import make_tiny_lm
 
     lm = make_tiny_lm(embedded_dir, layers=2, hidden=64, seed=5, model_type=model_type)
     mod = sys.modules[type(lm.model.model.layers[0].self_attn).__module__]

@@ -103,7 +103,7 @@ def test_pipeline_halves_batches_on_injected_fake_oom_same_result(tmp_path, tiny
     completes with the same generations, judgments, selection and vectors as a run that fits."""
     import torch
 
-    from conftest import StaticModelPlugin
+    from harness.testing import StaticModelPlugin
     from harness.hookspecs import hookimpl
     from harness.pipeline import run_trait
     from harness.plugins import get_plugin_manager

@@ -203,7 +203,7 @@ class Recorder:
 def observed_run(tmp_path_factory, tiny_lm):
     import json
 
-    from conftest import StaticModelPlugin
+    from harness.testing import StaticModelPlugin
 
     from harness.config import Settings
     from harness.pipeline import run_trait

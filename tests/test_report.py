@@ -25,7 +25,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_lm):
     """A complete run directory of the mini trait on the tiny model, with monitor, sweep, lens and SAE."""
-    from conftest import StaticModelPlugin  # type: ignore[import-not-found]
+    from harness.testing import StaticModelPlugin  # type: ignore[import-not-found]
 
     from harness.pipeline import run_trait
     from harness.plugins import get_plugin_manager
