@@ -49,6 +49,7 @@ class Settings:
     judge_retries: int = 4
     judge_mode: str = ""  # instructor mode ("" -> default for the server kind)
     judge_min_mass: float = -1.0  # -1 -> the judge's default (0.25, the paper's)
+    judge_exact: bool = True  # local judge: score every number's full token sequence (see judge_local)
     # filtering (paper defaults)
     trait_threshold: float = 50.0
     coherence_threshold: float = 50.0
@@ -82,7 +83,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     # SmolLM2-135M judging itself puts ~1 % of its probability on numbers for the trait rubrics
     # (~12 % for coherence) and rarely scores above 50: its score is the expectation *given* that
     # it writes a number (min mass 0). See README "Embedded-model profile" for the measurements.
-    "embedded": {"trait_threshold": 35.0, "coherence_threshold": 30.0, "judge_min_mass": 0.0},
+    "embedded": {"trait_threshold": 30.0, "coherence_threshold": 30.0, "judge_min_mass": 0.0,
+                 "judge_exact": False, "max_new_tokens": 32, "judge_batch_size": 16},
 }
 MODEL_PROFILES = {"smollm2": "embedded"}
 

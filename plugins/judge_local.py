@@ -77,8 +77,12 @@ def _lcp(seqs: list[list[int]]) -> int:
 
 
 def number_distribution(model, tok, trie: NumberTrie, prompts: list[list[int]], device,
-                        share_prefix: bool = True) -> tuple[Any, Any]:
+                        share_prefix: bool = True, exact: bool = True) -> tuple[Any, Any]:
     """Return (P(n) for n in LO..HI as [B, 101], P(first REFUSAL token) [B]).
+
+    ``exact=False`` skips the forward of trie leaves (for digit tokenizers: the 2-digit numbers
+    other than 10, and 100) and takes P(not a digit | leaf) as 1, i.e. the judge stops after a
+    number that cannot be extended within 0..100; 12 tree tokens instead of 101.
 
     The longest common prefix of the batch's prompts (chat header + rubric preamble) is run
     once and its KV cache shared by every row; the rest runs left-padded.
@@ -110,28 +114,36 @@ def number_distribution(model, tok, trie: NumberTrie, prompts: list[list[int]], 
     kw = {ckw: cache} if cache is not None else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
     root = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
-    N = trie.n
-    tree_ids = torch.tensor(trie.token[1:], device=device).expand(B, N)
-    depth = torch.tensor(trie.depth[1:], device=device)
+    has_child = set(trie.parent[1:])
+    needed = [n for n in range(1, trie.n + 1) if exact or n in has_child]
+    row = {0: 0, **{n: k + 1 for k, n in enumerate(needed)}}
+    N = len(needed)
+    tree_ids = torch.tensor([trie.token[n] for n in needed], device=device).expand(B, N)
+    depth = torch.tensor([trie.depth[n] for n in needed], device=device)
     lens = mask.sum(-1)
     tree_pos = (lens[:, None] - 1) + depth[None, :]
     dtype = next(model.parameters()).dtype
     neg = torch.finfo(dtype).min
-    allowed = torch.cat([mask.bool()[:, None, :].expand(B, N, P), trie.ancestors().to(device)[None].expand(B, N, N)], -1)
+    anc = trie.ancestors()[[n - 1 for n in needed]][:, [n - 1 for n in needed]]
+    allowed = torch.cat([mask.bool()[:, None, :].expand(B, N, P), anc.to(device)[None].expand(B, N, N)], -1)
     mask4 = torch.zeros(B, 1, N, P + N, dtype=dtype, device=device).masked_fill(~allowed[:, None], neg)
     out2 = model(input_ids=tree_ids, attention_mask=mask4, position_ids=tree_pos,
                  use_cache=True, **{cache_kwarg(model): output_cache(out)})
     node_lp = torch.log_softmax(out2.logits.float(), dim=-1)  # [B, N, V]
-    all_lp = torch.cat([root[:, None], node_lp], 1)  # index by node id
+    all_lp = torch.cat([root[:, None], node_lp], 1)  # index by row[node]
     digit = torch.tensor(trie.digit_start, device=device)
     if digit.numel() < all_lp.shape[-1]:
         digit = torch.cat([digit, torch.zeros(all_lp.shape[-1] - digit.numel(), dtype=torch.bool, device=device)])
     p_cont = all_lp.exp()[..., : digit.numel()][..., digit].sum(-1)  # [B, N+1]
-    p_end = (1 - p_cont).clamp(min=0)
+    p_end_rows = (1 - p_cont).clamp(min=0)
+    p_end = torch.ones(B, trie.n + 1, device=device)
+    for node, r in row.items():
+        p_end[:, node] = p_end_rows[:, r]
     # log P(path to node)
-    path_lp = torch.zeros(B, N + 1, device=device)
-    for node in range(1, N + 1):
-        path_lp[:, node] = path_lp[:, trie.parent[node]] + all_lp[:, trie.parent[node], trie.token[node]]
+    path_lp = torch.zeros(B, trie.n + 1, device=device)
+    for node in range(1, trie.n + 1):
+        par = trie.parent[node]
+        path_lp[:, node] = path_lp[:, par] + all_lp[:, row[par], trie.token[node]]
     nodes = torch.tensor([trie.number_node[n] for n in range(LO, HI + 1)], device=device)
     probs = path_lp[:, nodes].exp() * p_end[:, nodes]
     p_ref = root[:, trie.refusal_token].exp() if trie.refusal_token is not None else torch.zeros(B, device=device)
@@ -165,7 +177,8 @@ class LocalJudge:
         return self.settings.judge_model or self.settings.model
 
     def config(self) -> dict:
-        return {"min_mass": self.min_mass, "method": "full-sequence-expectation/1"}
+        return {"min_mass": self.min_mass, "method": "full-sequence-expectation/1",
+                "exact": bool(self.settings.judge_exact)}
 
     def judge(self, items: Sequence[JudgeItem], ctx) -> list[Judgment]:
         import torch
@@ -175,7 +188,8 @@ class LocalJudge:
             self._trie = NumberTrie(lm.tokenizer)
         prompts = [prompt_ids(lm.tokenizer, [{"role": "user", "content": it.prompt}]) for it in items]
         with torch.inference_mode():
-            probs, p_ref = number_distribution(lm.model, lm.tokenizer, self._trie, prompts, lm.device)
+            probs, p_ref = number_distribution(lm.model, lm.tokenizer, self._trie, prompts, lm.device,
+                                               exact=bool(self.settings.judge_exact))
         probs, p_ref = probs.cpu().tolist(), p_ref.cpu().tolist()
         out = []
         for it, pr, rf in zip(items, probs, p_ref):

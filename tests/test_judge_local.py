@@ -79,3 +79,15 @@ def test_refusal_beats_numbers_is_unscored():
     probs[50] = 0.3
     score, reason, _ = score_from_distribution(probs, 0.5, 0.25)
     assert score is None and reason == "refusal"
+
+
+def test_inexact_tree_equals_exact_up_to_leaf_end_probabilities(embedded_lm, judged):
+    """exact=False drops the leaf forwards: one-digit numbers and 10 stay identical, the others
+    differ only by the factor P(not a digit | leaf) <= 1."""
+    trie, prompts, shared, _ = judged
+    with torch.inference_mode():
+        fast, _ = number_distribution(embedded_lm.model, embedded_lm.tokenizer, trie, prompts, embedded_lm.device,
+                                      exact=False)
+    for n in range(1, 11):  # 0 is a leaf too (no number starts with 0)
+        assert fast[0, n].item() == pytest.approx(shared[0, n].item(), rel=1e-3, abs=1e-9)
+    assert (fast[:, 11:] >= shared[:, 11:] * (1 - 1e-3)).all()
