@@ -8,7 +8,7 @@ vectors equal the single-process result. Other extractors run on rank 0 and are 
 
 Backend: NCCL when CUDA is available, gloo otherwise (``PERSONA_HARNESS_DIST_BACKEND`` overrides).
 Models too big for one GPU: run one process per host with ``--device auto`` and
-``device_map="auto"`` placement (see docs/readme/gpu.md), not torchrun ranks per GPU.
+``device_map="auto"`` placement (see README.md, "GPU engine"), not torchrun ranks per GPU.
 """
 
 from __future__ import annotations
