@@ -234,7 +234,7 @@ def project(pytester):
     """Another project: its own traits dir (ini key), a copy of test_acceptance.py, synthetic data."""
     pytester.makeini("[pytest]\nharness_traits_dir = mytraits\n")
     _trait_files(pytester.path / "mytraits")
-    (pytester.path / "mytraits" / "test_acceptance.py").write_text(ACCEPTANCE)
+    (pytester.path / "mytraits" / "test_mytraits_acceptance.py").write_text(ACCEPTANCE)  # own module name: the repo's traits/test_acceptance.py may already be imported
     (pytester.path / "mytraits" / "conftest.py").write_text(CONFTEST)
 
     def run(scenario: dict | None = None, *args: str):
@@ -433,7 +433,7 @@ def test_real_pipeline_on_tiny_model_fake_judge_runs_each_stage_once_and_reuses_
     but not judged, a rerun takes every generation from the cache, and --update-reference works."""
     _trait_files(pytester.path / "traits", "mini", {"default": {"score_gap": 50, "effective_pair_rate": 0.5,
                                                                 "norm_peak_band": [0.0, 1.0], "auroc": 0.0}})
-    (pytester.path / "traits" / "test_acceptance.py").write_text(ACCEPTANCE)
+    (pytester.path / "traits" / "test_project_acceptance.py").write_text(ACCEPTANCE)
     (pytester.path / "persona-harness.toml").write_text(
         'judge = "fake"\nmax_new_tokens = 4\nn_per_question = 1\nextract_batch_size = 4\n')
     report = pytester.path / "r.json"
