@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -20,6 +21,19 @@ def cache_key(stage: str, **parts: Any) -> str:
     return content_hash({"stage": stage, **parts})
 
 
+def _retry_locked(fn, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+
 class Cache:
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
@@ -27,9 +41,13 @@ class Cache:
         self.path = self.dir / "cache.sqlite"
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, stage TEXT, value TEXT)")
+        # Switching a fresh file to WAL takes an exclusive lock and sqlite answers SQLITE_BUSY at
+        # once (no busy handler) when another process opens the same new cache at that moment --
+        # e.g. the ranks of a torchrun job. Retry with backoff for as long as `timeout`.
+        _retry_locked(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
+        _retry_locked(lambda: self._db.execute("PRAGMA synchronous=NORMAL"))
+        _retry_locked(lambda: self._db.execute(
+            "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, stage TEXT, value TEXT)"))
         self.hits = 0
         self.misses = 0
 

@@ -114,3 +114,31 @@ def test_embedded_profile_is_explicit_and_paper_defaults_stay():
     assert paper.trait_threshold == 50 and paper.coherence_threshold == 50
     # an explicit flag beats the profile
     assert load_settings({"trait_threshold": 60}, environ={}, cwd="/").trait_threshold == 60
+
+
+def _open_and_put(directory, start_at, key):
+    import time
+
+    while time.time() < start_at:
+        pass
+    c = Cache(directory)
+    c.put("generate", key, {"by": key})
+    c.close()
+
+
+def test_processes_opening_one_new_cache_at_once_all_succeed(tmp_path):
+    """Ranks of a torchrun job open the same fresh cache file together (CI once saw 'database is locked')."""
+    import multiprocessing as mp
+    import time
+
+    ctx = mp.get_context("fork")
+    for round_ in range(8):
+        d = tmp_path / f"c{round_}"
+        start_at = time.time() + 0.3
+        procs = [ctx.Process(target=_open_and_put, args=(d, start_at, f"k{i}")) for i in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0], f"round {round_}"
+        assert Cache(d).count("generate") == 4
