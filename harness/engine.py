@@ -171,24 +171,12 @@ def sample_step(logits, seeds, step_t, temperature: float, top_p: float = 1.0):
     """
     import torch
 
-    from .sampling import _C0, _C1, _C2, _STEP, _lsr
+    from .sampling import _STEP, hash_uniform, scaled_logits
 
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    scaled = logits.float() / temperature
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(scaled, descending=True, dim=-1)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        cut = probs.cumsum(-1) - probs > top_p
-        sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
-        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
-    V = logits.shape[-1]
-    idx = torch.arange(V, device=logits.device, dtype=torch.int64)
-    z = seeds[:, None] + (step_t + 1) * _STEP + idx[None, :] * _C0
-    z = torch.bitwise_xor(z, _lsr(z, 30)) * _C1
-    z = torch.bitwise_xor(z, _lsr(z, 27)) * _C2
-    z = torch.bitwise_xor(z, _lsr(z, 31))
-    u = ((_lsr(z, 11).to(torch.float64) + 0.5) * (1.0 / (1 << 53))).to(torch.float32)
+    scaled = scaled_logits(logits, temperature, top_p)
+    u = hash_uniform(seeds, (step_t + 1) * _STEP, logits.shape[-1])
     return (scaled - torch.log(-torch.log(u))).argmax(dim=-1)
 
 

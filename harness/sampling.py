@@ -37,17 +37,36 @@ def _lsr(z, k: int):
     return torch.bitwise_and(torch.bitwise_right_shift(z, k), (1 << (64 - k)) - 1)
 
 
-def uniform_noise(seeds, step: int, vocab: int):
-    """U(0,1) noise of shape [len(seeds), vocab] from (seed, step, index); float32."""
+def hash_uniform(seeds, step_term, vocab: int):
+    """U(0,1) noise [len(seeds), vocab]; ``step_term`` = (step + 1) * _STEP as an int64 value or tensor."""
     import torch
 
     idx = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    z = seeds[:, None] + _s64((step + 1) * _STEP) + idx[None, :] * _C0
+    z = seeds[:, None] + step_term + idx[None, :] * _C0
     z = torch.bitwise_xor(z, _lsr(z, 30)) * _C1
     z = torch.bitwise_xor(z, _lsr(z, 27)) * _C2
     z = torch.bitwise_xor(z, _lsr(z, 31))
     u = (_lsr(z, 11).to(torch.float64) + 0.5) * (1.0 / (1 << 53))
     return u.to(torch.float32)
+
+
+def uniform_noise(seeds, step: int, vocab: int):
+    """U(0,1) noise of shape [len(seeds), vocab] from (seed, step, index); float32."""
+    return hash_uniform(seeds, _s64((step + 1) * _STEP), vocab)
+
+
+def scaled_logits(logits, temperature: float, top_p: float = 1.0):
+    """float32 logits / temperature, with everything outside the top-p nucleus set to -inf."""
+    import torch
+
+    scaled = logits.float() / temperature
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        cut = probs.cumsum(-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
+        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
+    return scaled
 
 
 def sample_tokens(logits, seeds, step: int, temperature: float, top_p: float = 1.0):
@@ -56,13 +75,7 @@ def sample_tokens(logits, seeds, step: int, temperature: float, top_p: float = 1
 
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    scaled = logits.float() / temperature
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(scaled, descending=True, dim=-1)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        cut = probs.cumsum(-1) - probs > top_p
-        sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
-        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
+    scaled = scaled_logits(logits, temperature, top_p)
     u = uniform_noise(seeds.to(logits.device), step, logits.shape[-1])
     gumbel = -torch.log(-torch.log(u))
     return (scaled + gumbel).argmax(dim=-1)
