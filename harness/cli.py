@@ -40,6 +40,7 @@ SETTING_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--out", "out_dir", str, "run directory (default runs/<model>/<trait>)"),
     ("--cache-dir", "cache_dir", str, "cache directory (default .harness_cache)"),
     ("--device", "device", str, "cpu, cuda, cuda:1, auto"),
+    ("--device-map", "device_map", str, "from_pretrained device_map (auto, balanced, ...): one model over this host's GPUs; not under torchrun"),
     ("--dtype", "dtype", str, "float32, bfloat16, float16, auto"),
 ]
 

@@ -62,6 +62,7 @@ class Settings:
     trait_files: tuple[str, ...] = ()
     # environment
     device: str = "auto"
+    device_map: str = ""  # "" -> none; "auto"/"balanced"/...: from_pretrained places the model over this host's GPUs
     dtype: str = "auto"
     plugins: tuple[str, ...] = ()
     progress: bool = True
