@@ -35,7 +35,7 @@ def work_for(model: str, smoke: bool) -> Work:
     return Work(n=32, prompt_len=40, new_tokens=32, seed_items=2, rounds=2)
 
 
-def build_model(name: str, device: str = "auto"):
+def build_model(name: str, device: str = "auto", dtype: str | None = None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -44,7 +44,7 @@ def build_model(name: str, device: str = "auto"):
     dev = resolve_device(device)
     if name == "smollm2":
         return load_hf_model("smollm2", device=str(dev), dtype="auto")
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     if name == "qwen7b-shape":
         cfg = AutoConfig.for_model("qwen2", **QWEN7B)
     elif name == "tiny":
@@ -131,6 +131,19 @@ def ceilings(lm) -> dict:
     _CEIL[key] = {"copy_bytes_per_s": 2 * nbytes / tc, "matmul_flops_per_s": 2 * n ** 3 / tm}
     del a, b, x, y
     return _CEIL[key]
+
+
+def warm_up(lm) -> None:
+    """One short HF generate and one forward, so the first timed test (a baseline) does not pay for
+    CUDA/cuBLAS initialisation. The fast engine's own compile + graph capture is paid per shape in
+    each fast test's warm-up round."""
+    import torch
+
+    hi = min(int(lm.model.config.vocab_size), 32000)
+    hf_generate(lm, [[11 % hi] * 8, [12 % hi] * 6], 4)
+    with torch.inference_mode():
+        lm.model(torch.full((2, 16), 13 % hi, device=lm.device), output_hidden_states=True)
+    sync(lm)
 
 
 def linear_params(lm) -> int:
@@ -222,39 +235,108 @@ class _NoTok:
     pad_token_id = 0
 
 
-def trait_run(lm, w, generator: str, extractor: str, n: int, one_at_a_time: bool):
-    """Generation requests with fixed-length output (end-of-turn ignored), then extraction of all pairs."""
+CHATML = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+
+
+def word_tokenizer(texts):
+    """A word-level ChatML tokenizer built in code from ``texts`` (no files, no hub): the benchmark
+    models have random weights and no tokenizer; this one gives prompts of realistic length (~70
+    tokens for a trait's system prompt + question) so the pipeline benchmark runs the real stages."""
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<|im_start|>": 2, "<|im_end|>": 3}
+    for t in texts:
+        for w in re.findall(r"\w+|[^\w\s]", t):
+            vocab.setdefault(w, len(vocab))
+    for w in ("system", "user", "assistant"):
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>",
+                                  additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHATML
+    return tok
+
+
+def bench_trait(n_pairs: int | None = None, n_questions: int | None = None):
+    """The shipped ``sycophantic`` extraction split (5 pairs x 20 questions = 200 requests), or a cut."""
+    import dataclasses
+    from pathlib import Path
+
+    from harness_plugins.traits_json import load_trait_path
+
+    spec = load_trait_path(Path(__file__).resolve().parent.parent / "traits" / "sycophantic")
+    return dataclasses.replace(spec, instructions=spec.instructions[:n_pairs], questions=spec.questions[:n_questions],
+                               eval_questions=())
+
+
+class ConstantJudge:
+    """Stands in for the judge (the benchmark is the run *without* the judge): pos 90, neg 10,
+    coherence 90, so every pair is kept and extraction covers every response."""
+
+    name = "bench-constant"
+    needs_model = False
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    @property
+    def model_id(self):
+        return "constant"
+
+    def config(self):
+        return {}
+
+    def judge(self, items, ctx):
+        from harness.records import Judgment
+
+        out = []
+        for it in items:  # request ids are {trait}_{split}_{question}_{pos|neg}_{pair}_{sample}
+            pol = it.generation_id.rsplit("_", 3)[1]
+            score = 90.0 if it.metric == "coherence" or pol == "pos" else 10.0
+            out.append(Judgment(generation_id=it.generation_id, metric=it.metric, score=score, reason=None,
+                                judge=self.name, judge_model="constant", detail={}))
+        return out
+
+
+class BenchPlugin:
+    def __init__(self, lm):
+        self.lm = lm
+
+    from harness.hookspecs import hookimpl
+
+    @hookimpl
+    def harness_load_model(self, model_id, settings):
+        return self.lm
+
+    @hookimpl
+    def harness_register_judges(self, register):
+        register("bench-constant", ConstantJudge, description="benchmark stand-in: pos 90, neg 10")
+
+
+def pipeline_run(lm, w, generator: str, extractor: str, one_at_a_time: bool, spec, workdir):
+    """``run_trait`` over the real stages (requests, chat template, generate, judge stand-in, filter,
+    extract, run directory) into a fresh ``workdir`` (no cache hits), fixed-length responses."""
+    import os
+    import tempfile
+
     from harness.config import Settings
-    from harness.plugins import build_registry, get_plugin_manager
-    from harness.records import Generation
+    from harness.pipeline import run_trait
+    from harness.plugins import get_plugin_manager
 
-    s = Settings(batch_size=1 if one_at_a_time else 0, extract_batch_size=1 if one_at_a_time else 16,
-                 plugin_config={"fast": {"ignore_eos": True}})
+    d = tempfile.mkdtemp(dir=workdir)
+    s = Settings(model=lm.model_id, generator=generator, extractor=extractor, judge="bench-constant",
+                 out_dir=os.path.join(d, "run"), cache_dir=os.path.join(d, "cache"), max_new_tokens=w.new_tokens,
+                 temperature=1.0, profile="paper", progress=False, splits=("extract",),
+                 batch_size=1 if one_at_a_time else 0, extract_batch_size=1 if one_at_a_time else 16,
+                 plugin_config={"fast": {"ignore_eos": True}, "hf": {"ignore_eos": True}})
     pm = get_plugin_manager(entrypoints=False)
-    ex = build_registry(pm, "extractor").create(extractor, s)
-
-    class Ctx:
-        settings = s
-
-        def model(self, model_id=None):
-            return lm
-
-    ctx = Ctx()
-    prompts = prompts_for(lm, w)[:n]
-    if generator == "fast":
-        outs = fast_generate(lm, prompts, w.new_tokens)
-    else:
-        outs = [hf_generate(lm, [p], w.new_tokens)[0] for p in prompts] if one_at_a_time \
-            else hf_generate(lm, prompts, w.new_tokens)
-    gens = [Generation(id=str(i), trait="bench", split="extract", polarity="pos" if i % 2 == 0 else "neg",
-                       question_index=i // 2, question="", instruction_index=0, sample_index=0, system_prompt="",
-                       response="", response_token_ids=tuple(o), prompt_token_ids=tuple(p), finish_reason="length",
-                       model_id=lm.model_id, generator=generator) for i, (p, o) in enumerate(zip(prompts, outs))]
-    if lm.tokenizer is None:
-        lm.tokenizer = _NoTok()
-    pos = [g for g in gens if g.polarity == "pos"]
-    neg = [g for g in gens if g.polarity == "neg"]
-    return ex.extract(type("T", (), {"name": "bench"})(), pos, neg, ctx)
+    pm.register(BenchPlugin(lm), name="bench")
+    return run_trait(spec, s, pm=pm, splits=("extract",))
 
 
 def run(benchmark, bench, fn, rounds):

@@ -32,4 +32,6 @@ def bench(request):
     smoke = not request.config.getoption("--bench-full") and (request.config.getoption("--bench-smoke") or not cuda)
     lm = _bench.build_model(name)
     w = _bench.work_for(name, smoke)
+    _bench.ceilings(lm)  # copy bandwidth and matmul rate, measured once per session
+    _bench.warm_up(lm)  # CUDA context, cuBLAS handles and allocator before any timed baseline
     return {"lm": lm, "work": w, "info": _bench.device_info(lm), "results": {}}

@@ -50,6 +50,8 @@ class HFGenerator:
 
     def __init__(self, settings: Any):
         self.settings = settings
+        # plugin_config {"hf": {"ignore_eos": true}}: every response runs to max_new_tokens (benchmarks)
+        self.ignore_eos = bool((getattr(settings, "plugin_config", {}) or {}).get("hf", {}).get("ignore_eos", False))
 
     def batch_size(self, lm) -> int:
         if self.settings.batch_size:
@@ -78,7 +80,7 @@ class HFGenerator:
         temperature, top_p = temps.pop(), tps.pop()
         max_new = max(r.max_new_tokens for r in requests)
         gc = GenerationConfig(max_new_tokens=max_new, do_sample=False, num_beams=1,
-                              eos_token_id=ends, pad_token_id=pad)
+                              eos_token_id=None if self.ignore_eos else ends, pad_token_id=pad)
         procs = []
         if temperature > 0:
             seeds = torch.tensor([row_seed(r.seed, r.id) for r in requests], dtype=torch.int64, device=lm.device)
@@ -91,7 +93,8 @@ class HFGenerator:
         gen = out[:, P:].tolist()
         result = []
         for r, p, g in zip(requests, prompts, gen):
-            resp, finish = split_response(g[: r.max_new_tokens], set(ends), pad)
+            resp, finish = (g[: r.max_new_tokens], "length") if self.ignore_eos else \
+                split_response(g[: r.max_new_tokens], set(ends), pad)
             result.append(Generation(
                 id=r.id, trait=r.trait, split=r.split, polarity=r.polarity, question_index=r.question_index,
                 question=r.question, instruction_index=r.instruction_index, sample_index=r.sample_index,
