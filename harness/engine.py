@@ -659,7 +659,11 @@ class Engine:
             if use_graphs:
                 sig = (_hook_signature(self.model), float(temperature), float(top_p), stop_key, pad)
                 if s.hook_sig != sig:
+                    # new graphs get a new private pool: capturing into the pool of the graphs just
+                    # destroyed trips the caching allocator (use_count assert, torch 2.11) and every
+                    # later step then ran eagerly (4x slower decode)
                     s.graphs.clear()
+                    s.pool = None
                     s.hook_sig = sig
             t = 1
             while t < max_new:
@@ -704,6 +708,7 @@ class Engine:
                 self._decode_step(s, temperature, top_p, pad, stops)
         except Exception as e:  # a hook that syncs or allocates on the host: run eagerly instead
             self.stats["graph_error"] = repr(e)[:300]
+            s.pool = None  # a failed capture leaves its pool unusable for the next one
             return None
         s.graphs[kv] = g
         self.stats["graphs"] = len(s.graphs)
