@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .activations import METHODS, NonFiniteActivationError
+from .steering import direct_call
 
 ATTN_NAME = "harness_engine"
 SUPPORTED_MODEL_TYPES = {"llama", "qwen2", "qwen3", "mistral", "olmo2", "granite"}
@@ -582,8 +583,9 @@ class Engine:
             b = math.ceil((n - i) / nb)
             idx = order[i: i + b]
             try:
-                outs = self._generate_batch([prompts[j] for j in idx], max_new_tokens, temperature, top_p,
-                                            [seeds[j] for j in idx], stop_ids, pad_id, ignore_eos, cap)
+                with direct_call(rows=idx, n=n):  # steering hooks: batch row r is prompt idx[r]
+                    outs = self._generate_batch([prompts[j] for j in idx], max_new_tokens, temperature, top_p,
+                                                [seeds[j] for j in idx], stop_ids, pad_id, ignore_eos, cap)
             except oom:
                 if bs == 1:
                     raise
@@ -643,8 +645,10 @@ class Engine:
         mask = torch.where(causal[None] & att[:, None, :], 0.0, self.min_val)[:, None]
         cache.write_pos = torch.arange(P, device=dev)
         cache.kv_len = P
-        with torch.inference_mode(), _AttnSwap(self.model), self._fused_ctx():
+        # steering hooks see the blocks called directly: tell them the real positions and prefill vs decode
+        with torch.inference_mode(), _AttnSwap(self.model), self._fused_ctx(), direct_call(mask=att, prefill=True) as call:
             logits = self._layers_forward(ids, pos, mask, cache)
+            call.update(mask=None, prefill=False)  # decode: one new, real token per row
             tok = self._sample(logits, s.seeds, s.step, temperature, top_p)
             s.out[:, 0] = tok
             if stops is not None:

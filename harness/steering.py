@@ -35,6 +35,13 @@ passes one). Without a mask every position counts as real.
 ``coef`` may be a number, one number per batch row (rows in the order of the batch), or a dict
 ``{layer: number or per-row numbers}``; per-row coefficients let one batched ``generate`` run
 several steering strengths at once (a coefficient of 0 leaves its row bit-identical).
+
+Loops that call the decoder blocks themselves (``harness.engine``) bypass the block owner's
+``forward``, where the mask and the cache length are read; they say the same through
+``direct_call(mask=, prefill=, rows=, n=)``, so every position mode is exact there too. ``rows`` maps
+the loop's batch rows to its callers' rows (the engine sorts prompts by length and splits the batch),
+so per-row coefficients are given in the caller's order; under ``direct_call`` without ``rows`` they
+are refused.
 """
 
 from __future__ import annotations
@@ -186,6 +193,27 @@ def _scaled(vectors: dict[int, Any], scale: str, norms: Any) -> dict[int, Any]:
     return out
 
 
+_DIRECT: list[dict] = []  # what a loop that calls the blocks itself says about the current call
+
+
+@contextlib.contextmanager
+def direct_call(**info: Any) -> Iterator[dict]:
+    """Tell the steering hooks about the forward calls in this block, for loops that call the decoder
+    blocks directly (so the owner's pre-hook never sees a mask or a cache).
+
+    ``mask``: bool ``[B, T]`` real (non-pad) positions of the call, None = all real; ``prefill``: the
+    call is a generation's first (no cached tokens); ``rows`` and ``n``: batch row ``i`` is row
+    ``rows[i]`` of the caller's ``n`` rows (per-row coefficients are indexed with it). Nested calls
+    add to the outer one's information; the yielded dict may be updated in place (prefill -> decode).
+    """
+    cur = {**(_DIRECT[-1] if _DIRECT else {}), **info}
+    _DIRECT.append(cur)
+    try:
+        yield cur
+    finally:
+        _DIRECT.pop()
+
+
 @dataclass
 class SteeringHandle:
     """What ``steer`` yields: the applied per-layer deltas (for coef 1) and call counters."""
@@ -266,26 +294,38 @@ def steer(model_or_lm: Any, vectors: Any, coef: Any = 1.0, *, layers: int | Sequ
             v = cache[key]
             c = coefs[L]
             handle.calls += 1
+            direct = _DIRECT[-1] if _DIRECT else None
             if isinstance(c, float):
                 if c == 0.0:
                     return None
                 row = torch.full((B,), c, dtype=torch.float32, device=h.device)
+            elif direct is not None and direct.get("rows") is None:
+                raise HarnessError(f"coef for layer {L} has per-row values, but this generation loop calls the "
+                                   "blocks itself without telling which request each batch row is (its row order is "
+                                   "not the caller's). Fix: give one coefficient per call (one steering cell per "
+                                   "generate call), or pass rows= to harness.steering.direct_call")
             else:
-                if c.numel() != B:
+                rows = direct.get("rows") if direct is not None else None
+                n = direct.get("n", c.numel()) if direct is not None else B
+                if c.numel() != n or (rows is not None and len(rows) != B):
                     raise HarnessError(f"coef for layer {L} has {c.numel()} per-row values but the batch has "
-                                       f"{B} rows (hidden states {tuple(h.shape)})")
-                row = c.to(h.device)
+                                       f"{n} rows (hidden states {tuple(h.shape)})")
+                row = (c if rows is None else c[torch.as_tensor(rows, dtype=torch.long)]).to(h.device)
             # which (row, position) pairs to touch
             sel = torch.zeros((B, T), dtype=torch.bool, device=h.device)
+            if direct is not None:
+                prefill = direct.get("prefill")
+                mask = direct.get("mask") if skip_padding else None
+            else:
+                prefill = state["past"] == 0 if state["past"] is not None else None
+                mask = state["mask"]
             if positions == "all":
                 sel[:] = True
             elif positions == "prompt":
-                prefill = state["past"] == 0 if state["past"] is not None else T > 1
-                if prefill:
+                if prefill if prefill is not None else T > 1:
                     sel[:] = True
             else:  # response: last position of each call
                 sel[:, -1] = True
-            mask = state["mask"]
             if mask is not None and mask.shape[0] == B and mask.shape[1] >= T:
                 sel &= mask[:, -T:].to(h.device).bool()
             w = sel.to(torch.float32) * row[:, None]

@@ -6,10 +6,15 @@ then the configured judge scores trait and coherence *after* the hooks are remov
 may be the steered model itself). Coefficient 0 is the same for every layer, so it is generated once
 and shared as every layer's baseline.
 
-Efficiency: every cell's rows go through the generator together in batches (one row = one question
-x sample x cell), with a per-row coefficient per layer; a row's tokens do not depend on its batch
-(seeded per request id), and each question uses the same request id in every cell, so all cells see
-the same sampling noise (common random numbers) and differences come from steering.
+Efficiency: with the built-in generators every cell's rows go through the generator together in
+batches (one row = one question x sample x cell), with a per-row coefficient per layer given in
+request order: ``hf`` keeps that order in its batch, and the ``fast`` engine, which sorts prompts by
+length and splits batches by free memory, tells the steering hooks which request each of its rows is
+(``harness.steering.direct_call``). Any other generator (which may reorder rows without saying so)
+gets one generate call per cell, with scalar coefficients; a generator can declare
+``steer_per_row = True`` to be batched. A row's tokens do not depend on its batch (seeded per request
+id), and each question uses the same request id in every cell, so all cells see the same sampling
+noise (common random numbers) and differences come from steering.
 Generations are cached with the steering spec (layer, coef, positions, scale, vector hash) in the key.
 
 Writes ``sweep.json``, ``sweep.csv`` and ``sweep_generations.jsonl`` in the run directory.
@@ -74,6 +79,13 @@ def load_run_trait(run_dir: str | Path, settings, pm):
     return spec
 
 
+# generators whose batches keep per-row steering coefficients on their requests (see the module doc)
+PER_ROW_GENERATORS = ("hf", "fast")
+# bumped when steered generations cached under the same spec were wrong: 2 = per-row coefficients on the
+# fast generator's rows (before, its length sort put coefficients on other rows)
+STEER_KEY_VERSION = 2
+
+
 def _vec_hash(v) -> str:
     return hashlib.sha256(v.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
@@ -106,7 +118,8 @@ def steered_generate(ctx, generator, requests: Sequence, cells: Sequence[tuple[i
     def key(r, cell):
         L, c = cell
         spec = None if L is None else {"layer": L, "coef": c, "positions": positions, "scale": scale,
-                                       "vector": vhash[L], "norm": (float(norms[L]) if scale == "mean_norm" else None)}
+                                       "vector": vhash[L], "norm": (float(norms[L]) if scale == "mean_norm" else None),
+                                       "v": STEER_KEY_VERSION}
         parts = dict(generator=generator.name, config=cfg, model=s.model, messages=r.messages,
                      temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=r.seed, id=r.id)
         if spec is not None:
@@ -118,13 +131,21 @@ def steered_generate(ctx, generator, requests: Sequence, cells: Sequence[tuple[i
     done: dict[str, Any] = {k: Generation.from_dict({**cached[k], "cache_key": k}) for _, _, k in rows if k in cached}
     todo = [row for row in rows if row[2] not in done]
     bs = batch_size or (generator.batch_size(lm) if hasattr(generator, "batch_size") else 32)
+    per_row = bool(getattr(generator, "steer_per_row", generator.name in PER_ROW_GENERATORS))
+    # per_row: cells share batches (per-row coefficients); else one cell per generate call (scalar coefficients)
+    groups = [todo] if per_row else [[row for row in todo if row[0] == cell] for cell in uniq]
+    chunks = [g[a: a + bs] for g in groups for a in range(0, len(g), bs)]
     t0 = time.perf_counter()
-    for a in range(0, len(todo), bs):
-        chunk = todo[a: a + bs]
+    n_done = 0
+    for chunk in chunks:
         reqs = [r for _, r, _ in chunk]
-        if layers:
-            coef = {L: [c if cl == L else 0.0 for (cl, c), _, _ in chunk] for L in layers}
-            with steer(lm, {L: vectors[L] for L in layers}, coef, positions=positions, scale=scale,
+        steered = sorted({cl for (cl, _), _, _ in chunk if cl is not None})
+        if steered:
+            if per_row:
+                coef = {L: [c if cl == L else 0.0 for (cl, c), _, _ in chunk] for L in steered}
+            else:
+                coef = {L: chunk[0][0][1] for L in steered}  # one cell: one layer, one number
+            with steer(lm, {L: vectors[L] for L in steered}, coef, positions=positions, scale=scale,
                        norms=norms) as h:
                 gens = generator.generate(reqs, ctx)
             if h.calls == 0:
@@ -138,9 +159,9 @@ def steered_generate(ctx, generator, requests: Sequence, cells: Sequence[tuple[i
             ctx.cache.put_many("generate", [(k, g.to_dict()) for (_, _, k), g in zip(chunk, gens)])
         for (_, _, k), g in zip(chunk, gens):
             done[k] = Generation.from_dict({**g.to_dict(), "cache_key": k})
+        n_done += len(chunk)
         if progress:
-            print(f"  steered generate {min(a + bs, len(todo))}/{len(todo)} rows "
-                  f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+            print(f"  steered generate {n_done}/{len(todo)} rows ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
     return {cell: [done[key(r, cell)] for r in requests] for cell in uniq}
 
 

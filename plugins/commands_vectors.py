@@ -58,6 +58,18 @@ def _ctx(args):
     return RunContext(settings=s, pm=pm, run_dir=_run_dir(args))
 
 
+def _open(args):
+    """(context, run directory, loaded model) for a command that runs the run's model."""
+    ctx = _ctx(args)
+    return ctx, _run_dir(args), ctx.model()
+
+
+def _vector_and_layers(args, run_dir: Path, lm):
+    """The run's ``--method`` vector and the ``--layer`` list (default: the recommended layer)."""
+    v = _vectors(run_dir, lm, args.method)
+    return v, (_ints(args.layer) if args.layer else [_rec_layer(run_dir, lm)])
+
+
 def _vectors(run_dir: Path, lm, method: str):
     from harness.artifacts import load_vectors
 
@@ -92,10 +104,9 @@ def cmd_steer(args) -> int:
     from harness.steering import norms_for_run
     from harness.sweep import load_run_trait, steered_generate
 
-    ctx = _ctx(args)
-    s, run_dir = ctx.settings, _run_dir(args)
+    ctx, run_dir, lm = _open(args)
+    s = ctx.settings
     ctx.cache = Cache(s.cache_dir)
-    lm = ctx.model()
     v = _vectors(run_dir, lm, args.method)
     prompts = list(args.prompt or [])
     if not prompts:
@@ -137,10 +148,8 @@ def cmd_sweep(args) -> int:
 
     from harness.sweep import format_table, run_sweep
 
-    ctx = _ctx(args)
-    run_dir = _run_dir(args)
     t0 = time.perf_counter()
-    lm = ctx.model()
+    ctx, run_dir, lm = _open(args)
     layers = _ints(args.layers) if args.layers else _default_layers(run_dir, lm.num_layers)
     res = run_sweep(run_dir, ctx.settings, pm=ctx.pm, ctx=ctx, layers=layers, coefs=_floats(args.coefs),
                     positions=args.positions, scale=args.scale, method=args.method, n_questions=args.questions,
@@ -159,12 +168,9 @@ def cmd_sweep(args) -> int:
 def cmd_monitor(args) -> int:
     from harness.monitor import load_records, monitor_run, project_records
 
-    ctx = _ctx(args)
-    run_dir = _run_dir(args)
-    lm = ctx.model()
+    ctx, run_dir, lm = _open(args)
     if args.input:
-        v = _vectors(run_dir, lm, args.method)
-        layers = _ints(args.layer) if args.layer else [_rec_layer(run_dir, lm)]
+        v, layers = _vector_and_layers(args, run_dir, lm)
         res = project_records(lm, load_records(args.input), v, layers, source=str(args.input),
                               batch_size=ctx.settings.extract_batch_size)
         text = "".join(json.dumps(r) + "\n" for r in res)
@@ -212,11 +218,8 @@ def cmd_lens(args) -> int:
     from harness.lens import lens_layers
     from harness.report import LENS_FILE
 
-    ctx = _ctx(args)
-    run_dir = _run_dir(args)
-    lm = ctx.model()
-    v = _vectors(run_dir, lm, args.method)
-    layers = _ints(args.layer) if args.layer else [_rec_layer(run_dir, lm)]
+    ctx, run_dir, lm = _open(args)
+    v, layers = _vector_and_layers(args, run_dir, lm)
     res = lens_layers(lm, v, layers, k=args.k)
     p = run_dir / LENS_FILE
     old = json.loads(p.read_text()) if p.exists() else {}
@@ -279,7 +282,8 @@ def harness_register_commands(subparsers: Any) -> None:
     p = subparsers.add_parser("steer", help="generate with a vector added at one layer (compare to unsteered)")
     _common(p)
     p.add_argument("--layer", type=int, required=True, help="hidden_states index L (hooks model.layers[L-1])")
-    p.add_argument("--coef", default="2", help="coefficient(s), comma-separated (default 2)")
+    p.add_argument("--coef", default="2", help="coefficient(s), comma-separated (default 2; a list that starts with "
+                                               "a negative number needs '=': --coef=-4,4)")
     _steer_opts(p)
     p.add_argument("--prompt", action="append", help="user message (repeatable; default: the first eval questions)")
     p.add_argument("--questions", type=int, default=2, help="eval questions to use when no --prompt (default 2)")
@@ -290,7 +294,8 @@ def harness_register_commands(subparsers: Any) -> None:
     p = subparsers.add_parser("sweep", help="layers x coefficients -> mean trait score and coherence per cell")
     _common(p)
     p.add_argument("--layers", default="", help="comma list of layers (default: 3 around the recommended layer)")
-    p.add_argument("--coefs", default="-2,-1,0,1,2", help="comma list of coefficients (default -2,-1,0,1,2)")
+    p.add_argument("--coefs", default="-2,-1,0,1,2", help="comma list of coefficients (default -2,-1,0,1,2; a list "
+                                                          "that starts with a negative number needs '=': --coefs=-4,0,4)")
     _steer_opts(p)
     p.add_argument("--questions", type=int, default=5, help="number of eval questions (default 5; 0 = all)")
     p.add_argument("--samples", type=int, default=1, help="samples per question and cell (default 1)")
