@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import platform
+import os
 import re
 import sys
 import time
@@ -335,12 +336,16 @@ def run_trait(trait: str | TraitSpec, settings: Settings | None = None, *, pm=No
         pm.hook.harness_stage_finished(run=ctx, stage="filter", records=[selection])
     if "extract" in stages:
         assert selection is not None
+        old_vectors = run_dir / "vectors.safetensors"
+        if old_vectors.exists():  # an earlier run's vector must not sit beside this run's records
+            os.replace(old_vectors, run_dir / "vectors.previous.safetensors")
         if not selection.pairs:
             summary = _summary(spec, s, gens, judgments, selection, None, run_dir)
             _write_run_json(run_dir, s, pm, spec, components, ctx, summary, t_start, status="failed: no effective pairs")
             raise NoEffectivePairsError(
                 f"{spec.name}: the filter kept 0 of {selection.candidates} pairs "
-                f"(dropped: {selection.dropped}); no vector was written. Fix: lower --trait-threshold/"
+                f"(dropped: {selection.dropped}); no vector was written (an earlier run's is kept as "
+                "vectors.previous.safetensors). Fix: lower --trait-threshold/"
                 "--coherence-threshold, use a stronger judge, or generate more samples (--n-per-question)")
         extractor = reg["extractor"].create(s.extractor, s)
         components["extractor"] = s.extractor

@@ -142,3 +142,22 @@ def test_processes_opening_one_new_cache_at_once_all_succeed(tmp_path):
             p.join(60)
         assert [p.exitcode for p in procs] == [0, 0, 0, 0], f"round {round_}"
         assert Cache(d).count("generate") == 4
+
+
+def test_readme_states_the_embedded_profile_the_code_applies():
+    """README's "Embedded-model profile" paragraph must carry PROFILES["embedded"]'s values."""
+    import re
+    from pathlib import Path
+
+    from harness.config import PROFILES
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    para = text[text.index("### Embedded-model profile"):]
+    para = " ".join(para[: para.index("\n## ")].split())
+    p = PROFILES["embedded"]
+    assert f"T = {p['trait_threshold']:g}" in para
+    assert f"C = {p['coherence_threshold']:g}" in para
+    assert re.search(rf"minimum number mass {p['judge_min_mass']:g}\b", para)
+    assert f"judge_exact = {str(p['judge_exact']).lower()}" in para
+    assert f"{p['max_new_tokens']} new tokens" in para
+    assert f"judge batch {p['judge_batch_size']}" in para

@@ -71,3 +71,22 @@ def test_rerun_hits_cache_and_recomputes_nothing(tmp_path, tiny_pm, mini_trait_d
     import torch
 
     assert torch.equal(second.vectors["response_avg_diff"], first.vectors["response_avg_diff"])
+
+
+def test_rerun_that_keeps_no_pairs_leaves_no_stale_vector(tmp_path, tiny_pm, mini_trait_dir):
+    """A rerun into the same run directory that keeps 0 pairs: clear error, no vectors.safetensors
+    beside the new records (the earlier vector is kept as vectors.previous.safetensors), run.json failed."""
+    import pytest
+
+    from harness.errors import NoEffectivePairsError
+
+    run_trait("mini", _settings(tmp_path, mini_trait_dir), pm=tiny_pm)
+    d = tmp_path / "run"
+    before = (d / "vectors.safetensors").read_bytes()
+    with pytest.raises(NoEffectivePairsError, match="kept 0 of"):
+        run_trait("mini", _settings(tmp_path, mini_trait_dir, trait_threshold=101.0), pm=tiny_pm)
+    assert not (d / "vectors.safetensors").exists()
+    assert (d / "vectors.previous.safetensors").read_bytes() == before
+    run = json.loads((d / "run.json").read_text())
+    assert run["status"] == "failed: no effective pairs"
+    assert "vectors.safetensors" not in run["summary"]["files"]
