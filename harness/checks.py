@@ -1,9 +1,10 @@
 """Acceptance-check metrics: pure functions over records, vectors and activations.
 
 Each function computes one check's metric; the pytest plugin (``harness.pytest_plugin``) and the
-tests in ``traits/test_acceptance.py`` compare them with per-trait, per-model thresholds from
-``traits/<name>/checks.json``. Nothing here runs a model. torch is only imported inside the
-functions that take tensors, so ``import harness.checks`` stays light.
+tests in ``harness.acceptance`` (imported by ``traits/test_acceptance.py``) compare them with
+per-trait, per-model thresholds from ``traits/<name>/checks.json``. Nothing here runs a model.
+torch is only imported inside the functions that take tensors, so ``import harness.checks`` stays
+light.
 
 Layer convention (hidden_states): index 0 is the embedding output, index l in 1..L the output of
 ``model.layers[l-1]``; HF applies the final norm to index L. The norm peak and the automatic
@@ -30,6 +31,9 @@ THRESHOLD_KEYS: dict[str, str] = {
     "reference_cosine": "cosine(new vector, stored reference) at the check layer must be >= this",
     "layer": "check layer: 'auto' (the norm-peak layer, chosen from extraction data only) or an int in 1..L",
 }
+#: Thresholds that may be ``null``: the metric is still measured and reported, but not enforced (the
+#: check is skipped with the measured value and the reason, taken from the block's ``"_<key>"`` note).
+NULLABLE_KEYS = ("score_gap", "effective_pair_rate", "norm_peak_band", "auroc", "reference_cosine")
 DEFAULT_THRESHOLDS: dict[str, Any] = {
     "score_gap": 10.0,
     "effective_pair_rate": 0.05,
@@ -55,7 +59,9 @@ def validate_block(block: Any, path: str | Path, where: str) -> dict[str, Any]:
         f = f"{where}.{k}"
         if k not in THRESHOLD_KEYS:
             raise _err(path, f, "unknown threshold", f"use one of {', '.join(THRESHOLD_KEYS)}")
-        if k == "norm_peak_band":
+        if v is None and k in NULLABLE_KEYS:
+            out[k] = None  # informational: measured and reported, not enforced
+        elif k == "norm_peak_band":
             if (not isinstance(v, list) or len(v) != 2 or not all(isinstance(x, (int, float)) for x in v)
                     or not 0.0 <= v[0] <= v[1] <= 1.0):
                 raise _err(path, f, f"{v!r} is not a band", "write [lo, hi] with 0 <= lo <= hi <= 1")
@@ -76,21 +82,34 @@ def thresholds_for(checks: Mapping[str, Any], model: str, path: str | Path = "ch
 
     A model block is the top-level key equal to the model id (``"Qwen/Qwen2.5-7B-Instruct"``,
     ``"smollm2"``) or to its last path component (``"Qwen2.5-7B-Instruct"``). Keys starting with
-    ``_`` are notes (``"_calibration"``, ``"_comment"``) and are ignored.
+    ``_`` are notes (``"_calibration"``, ``"_comment"``) and are not thresholds. A threshold set to
+    ``null`` (see ``NULLABLE_KEYS``) is informational: the check reports the metric and is skipped;
+    a ``"_<key>"`` note of the same block says why and ends up in ``out["_notes"][key]``.
     """
     checks = dict(checks or {})
     out = dict(DEFAULT_THRESHOLDS)
-    out.update(validate_block(checks.get("default", {}), path, "default"))
+    notes: dict[str, str] = {}
+
+    def merge(block: Any, where: str) -> None:
+        out.update(validate_block(block, path, where))
+        for k in THRESHOLD_KEYS:
+            if k in block:
+                notes.pop(k, None)
+            if isinstance(block.get(f"_{k}"), str):
+                notes[k] = block[f"_{k}"]
+
+    merge(checks.get("default", {}), "default")
     source = "default"
     for cand in (model, model.rstrip("/").split("/")[-1]):
         if cand in checks and cand != "default" and not cand.startswith("_"):
-            out.update(validate_block(checks[cand], path, cand))
+            merge(checks[cand], cand)
             source = cand
             break
     for k, v in checks.items():  # validate the other blocks too, so a typo fails on every model
         if k != "default" and not k.startswith("_"):
             validate_block(v, path, k)
     out["_source"] = source
+    out["_notes"] = notes
     return out
 
 

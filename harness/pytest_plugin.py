@@ -381,14 +381,20 @@ class Acceptance:
         self.rec.metrics = []
 
     def metric(self, name: str, value: Any, threshold: Any = None, op: str | None = None) -> bool:
-        """Record ``value`` (and its threshold); return whether it passes (True when no threshold)."""
-        passed = True if op is None or value is None and threshold is None else (
-            value is not None and bool(OPS[op](value, threshold)))
+        """Record ``value`` (and its threshold); return whether it passes.
+
+        True when there is no comparison (``op`` None) or the threshold is None: a null threshold in
+        checks.json makes the metric informational (reported, ``passed`` None, not enforced).
+        """
+        informational = op is not None and threshold is None
+        passed = True if op is None or informational else (value is not None and bool(OPS[op](value, threshold)))
         self.rec.metrics.append({"name": name, "value": value, "threshold": threshold, "op": op,
-                                 "passed": passed if op else None})
+                                 "passed": None if op is None or informational else passed,
+                                 **({"informational": True} if informational else {})})
         self._record(f"{self.trait}.{self.check}.{name}", value)
         if op is not None:
-            self._record(f"{self.trait}.{self.check}.{name}.threshold", f"{op} {threshold}")
+            self._record(f"{self.trait}.{self.check}.{name}.threshold",
+                         "informational" if informational else f"{op} {threshold}")
         return passed
 
     def info(self, key: str, value: Any) -> None:
@@ -455,9 +461,11 @@ def summary_lines(hs: HarnessSession) -> list[str]:
             if not rec.metrics:
                 rows.append((t, check, "-", "-", "-", rec.outcome.upper()))
             for m in rec.metrics:
-                thr = "" if m["op"] is None else (f">= {_fmt(m['threshold'])}" if m["op"] == ">=" else
+                thr = "" if m["op"] is None else ("none (informational)" if m.get("informational") else
+                                                  f">= {_fmt(m['threshold'])}" if m["op"] == ">=" else
                                                   f"in {_fmt(m['threshold'])}")
-                res = "" if m["passed"] is None else ("pass" if m["passed"] else "FAIL")
+                res = "info" if m.get("informational") else "" if m["passed"] is None else (
+                    "pass" if m["passed"] else "FAIL")
                 rows.append((t, check, m["name"], _fmt(m["value"]), thr, res))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -501,9 +509,12 @@ def build_report(hs: HarnessSession) -> dict:
     traits: dict = {}
     for t in hs.traits:
         ex = {k: v for k, v in hs.extra.get(t, {}).items()}
-        checks = {rec.check: {"outcome": rec.outcome, "message": rec.message, "metrics": rec.metrics}
+        checks = {rec.check: {"outcome": rec.outcome, "message": rec.message, "metrics": rec.metrics,
+                              "informational": [m["name"] for m in rec.metrics if m.get("informational")]}
                   for (tr, _), rec in hs.checks.items() if tr == t}
-        traits[t] = {"passed": bool(checks) and all(c["outcome"] == "passed" for c in checks.values()),
+        # a check skipped only because a metric is informational (null threshold) does not fail the trait
+        traits[t] = {"passed": bool(checks) and all(c["outcome"] == "passed" or c["outcome"] == "skipped"
+                                                    and c["informational"] for c in checks.values()),
                      "checks": checks, **ex}
     return {"format": "persona-harness-acceptance/1", "harness_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -1,5 +1,5 @@
-"""The acceptance-check pytest plugin (harness/pytest_plugin.py), traits/test_acceptance.py and
-the metric functions of harness/checks.py.
+"""The acceptance-check pytest plugin (harness/pytest_plugin.py), the checks of harness/acceptance.py
+(imported by the one-line traits/test_acceptance.py) and the metric functions of harness/checks.py.
 
 The pytester projects copy traits/test_acceptance.py next to their own traits directory (as another
 project would) and replace the expensive pipeline fixtures by synthetic records, vectors and
@@ -28,6 +28,8 @@ pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCEPTANCE = (ROOT / "traits" / "test_acceptance.py").read_text(encoding="utf-8")
+#: what another project's traits/test_acceptance.py holds (README, "In another project")
+ONE_LINE_MODULE = "from harness.acceptance import *  # noqa: F401,F403\n"
 
 
 # -- pure metric functions -------------------------------------------------------------------------
@@ -137,6 +139,33 @@ def test_thresholds_default_model_override_and_errors(tmp_path):
     assert checks.check_layer("auto", 7, 30) == 7
     with pytest.raises(HarnessError, match="outside"):
         checks.check_layer(31, 7, 30)
+
+
+def test_null_threshold_is_informational_and_keeps_its_note(tmp_path):
+    data = {"default": {"score_gap": 10, "_score_gap": "default note"},
+            "smollm2": {"score_gap": None, "_score_gap": "the judge cannot tell answers apart", "auroc": None},
+            "other": {"score_gap": 3}}
+    th = checks.thresholds_for(data, "smollm2")
+    assert th["score_gap"] is None and th["auroc"] is None and th["reference_cosine"] == 0.9
+    assert th["_notes"] == {"score_gap": "the judge cannot tell answers apart"}
+    assert checks.thresholds_for(data, "other")["_notes"] == {}  # the model block's value drops the default's note
+    assert checks.thresholds_for(data, "x")["_notes"] == {"score_gap": "default note"}
+    for key in checks.NULLABLE_KEYS:
+        assert checks.thresholds_for({"default": {key: None}}, "smollm2")[key] is None
+    with pytest.raises(HarnessError, match="default.layer"):
+        checks.thresholds_for({"default": {"layer": None}}, "smollm2", tmp_path / "checks.json")
+
+
+def test_acceptance_checks_live_in_the_package_and_the_repo_module_only_imports_them():
+    import ast
+
+    from harness import acceptance
+
+    assert set(acceptance.__all__) == {"pytestmark", "test_score_gap", "test_norm_peak", "test_projection_auroc",
+                                       "test_reference_cosine"}
+    body = [n for n in ast.parse(ACCEPTANCE).body
+            if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]  # minus the docstring
+    assert [ast.unparse(n) for n in body] == ["from harness.acceptance import *"]
 
 
 def test_shipped_checks_files_are_valid():
@@ -337,6 +366,34 @@ def test_each_check_fails_on_data_that_must_fail(project, scenario, failing, mes
     res.stdout.fnmatch_lines(["mini*FAIL"])  # the summary table marks the failing metric
 
 
+def test_null_score_gap_threshold_is_informational_reported_and_skipped(project, pytester):
+    why = "the judge cannot tell pos from neg answers"
+    checks_data = {**CHECKS, "smollm2": {"score_gap": None, "_score_gap": why}}
+    (pytester.path / "mytraits" / "mini" / "checks.json").write_text(json.dumps(checks_data))
+    report = pytester.path / "report.json"
+    res = project({"pos_score": 50, "neg_score": 52}, "-rs", f"--harness-report={report}")  # gap -2: not enforced
+    res.assert_outcomes(passed=3, skipped=1)
+    res.stdout.fnmatch_lines([
+        "mini*score_gap*score_gap*-2.000*none (informational)*info",
+        "mini*score_gap*effective_pair_rate*0.500*>= 0.300*pass",
+        "SKIPPED*informational for model block 'smollm2' (score_gap: null in "
+        f"checks.json, not enforced): measured score gap -2.00 (pos mean 50.00, neg mean 52.00, extraction split)*"
+        f"Why: {why}*",
+    ])
+    t = json.loads(report.read_text())["traits"]["mini"]
+    assert t["passed"] is True and t["checks"]["score_gap"]["outcome"] == "skipped"
+    assert t["checks"]["score_gap"]["informational"] == ["score_gap"]
+    assert t["thresholds"]["score_gap"] is None
+    # the check's other threshold is still enforced
+    res = project({"pos_score": 50, "neg_score": 52, "kept": 1}, "-rf")
+    res.assert_outcomes(passed=3, failed=1)
+    res.stdout.fnmatch_lines(["*effective-pair rate 0.100 (1 of 10*< 0.3*"])
+    # another model's block (none: the default's real threshold) still fails the same gap
+    res = project({"pos_score": 50, "neg_score": 52}, "--model", "Qwen/Qwen2.5-7B-Instruct", "-rf")
+    res.assert_outcomes(passed=3, failed=1)
+    res.stdout.fnmatch_lines(["*score gap -2.0*< 30.0*"])
+
+
 def test_missing_reference_skips_with_the_command_that_writes_it(project):
     res = project({"ref_axis": None}, "-rs")
     res.assert_outcomes(passed=3, skipped=1)
@@ -367,6 +424,9 @@ def test_update_reference_writes_the_file_that_later_runs_compare_with(project, 
     res = project({"real_reference": True})
     res.assert_outcomes(passed=4)
     res = project({"real_reference": True, "peak": 3})  # norm peak moves: cosine at the new layer still 1
+    res.assert_outcomes(passed=4)
+    res.stdout.fnmatch_lines(["mini*norm_peak*peak_layer*3", "mini*reference_cosine*layer*3",
+                              "mini*reference_cosine*cosine*1.000*>= 0.900*pass"])
     res = project({"real_reference": True, "sep": 3.0, "pos_score": 80})
     res.assert_outcomes(passed=4)
 
@@ -454,3 +514,26 @@ def test_real_pipeline_on_tiny_model_fake_judge_runs_each_stage_once_and_reuses_
     assert data["timings"]["generate_cached"] == 4  # extraction split: 2 questions x 1 pair x pos/neg
     assert data["checks"]["reference_cosine"]["metrics"][-1]["value"] == pytest.approx(1.0)
     assert (pytester.path / "traits" / "mini" / "reference" / "smollm2.safetensors").exists()
+
+
+def test_another_project_with_only_the_one_line_module_runs_the_packaged_checks(pytester, tiny_lm):
+    """A project outside this repository: a traits folder with one trait and the one-line test module
+    (no conftest, no copy of the checks) gets all four checks from the installed package."""
+    assert ROOT not in pytester.path.parents
+    _trait_files(pytester.path / "traits", "mini", {"default": {"score_gap": 50, "effective_pair_rate": 0.5,
+                                                                "norm_peak_band": [0.0, 1.0], "auroc": 0.0}})
+    (pytester.path / "traits" / "test_acceptance.py").write_text(ONE_LINE_MODULE)
+    (pytester.path / "persona-harness.toml").write_text(
+        'judge = "fake"\nmax_new_tokens = 4\nn_per_question = 1\nextract_batch_size = 4\n')
+    assert sorted(p.name for p in pytester.path.rglob("*") if p.is_file()) == [
+        "checks.json", "eval.json", "extract.json", "persona-harness.toml", "test_acceptance.py"]
+    args = ("traits", "--trait", "mini", "-p", "no:cacheprovider", "-v", "-rs")
+    res = pytester.runpytest(*args, "--update-reference", plugins=[_ConfigurePlugin(tiny_lm, [])])
+    res.assert_outcomes(passed=4)
+    res.stdout.fnmatch_lines([f"traits/test_acceptance.py::{t}[[]mini[]] PASSED*" for t in
+                              ("test_score_gap", "test_norm_peak", "test_projection_auroc", "test_reference_cosine")])
+    res.stdout.fnmatch_lines(["*persona-harness acceptance: model smollm2*judge fake*",
+                              "mini*score_gap*score_gap*>= 50.0*pass"])
+    assert (pytester.path / "traits" / "mini" / "reference" / "smollm2.safetensors").exists()
+    res = pytester.runpytest(*args, "-m", "acceptance", plugins=[_ConfigurePlugin(tiny_lm, [])])
+    res.assert_outcomes(passed=4)  # the module-level acceptance mark comes along with the import
