@@ -182,11 +182,22 @@ def load_trait_path(path: str | Path) -> TraitSpec:
     return load_trait_files(path, ev, checks_path=checks)
 
 
+def _installed_trait_dirs() -> list[Path]:
+    """The shipped traits inside an installed wheel (package ``harness_traits``, data only)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("harness_traits")
+    except (ImportError, ValueError):
+        return []
+    return [Path(p) for p in (spec.submodule_search_locations or [])] if spec is not None else []
+
+
 def default_trait_dirs(settings: Any) -> list[Path]:
     dirs = [Path(d) for d in getattr(settings, "traits_dirs", ()) or ()]
     cwd_traits = Path.cwd() / "traits"
     repo_traits = Path(__file__).resolve().parent.parent / "traits"
-    for d in (cwd_traits, repo_traits):
+    for d in (cwd_traits, repo_traits, *_installed_trait_dirs()):
         if d.is_dir() and all(d.resolve() != x.resolve() for x in dirs):
             dirs.append(d)
     return dirs

@@ -105,3 +105,31 @@ def test_validate_cli_accepts_project_traits_and_rejects_bad(tmp_path, capsys):
     assert main(["validate", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "eval_prompt" in err and str(bad) in err
+
+
+def test_wheel_ships_the_traits_and_an_installed_copy_finds_them(tmp_path):
+    """A plain (non-editable) install has no source tree: the shipped traits come from the wheel."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "whl")], check=True, capture_output=True, timeout=600)
+    (whl,) = (tmp_path / "whl").glob("persona_harness-*.whl")
+    names = set(zipfile.ZipFile(whl).namelist())
+    for t in ("sycophantic", "evil", "hallucinating"):
+        assert {f"harness_traits/{t}/extract.json", f"harness_traits/{t}/eval.json"} <= names
+    assert "harness_traits/sycophantic/reference/smollm2.safetensors" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(whl).extractall(site)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    code = ("import harness_plugins.traits_json as t, harness.config as c;"
+            "assert str(t.__file__).startswith(%r), t.__file__;"
+            "s = c.Settings(); print(sorted(t._find(s)))" % str(site))
+    out = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert {"sycophantic", "evil", "hallucinating"} <= set(eval(out.stdout))
