@@ -86,6 +86,15 @@ def cmd_run(args) -> int:
     s = settings_from_args(args)
     pm = _pm(s)
     traits = list(args.trait or [])
+    if s.trait_files and traits:
+        from harness_plugins.traits_json import _name_for
+
+        unused = [f for f in s.trait_files if _name_for(Path(f)) not in traits]
+        if unused:
+            names = ", ".join(f"{f} (trait {_name_for(Path(f))!r})" for f in unused)
+            print(f"error: --trait-file {names} is not one of --trait {' '.join(traits)}; it would be ignored. "
+                  "Fix: drop --trait to run the files, or name their traits with --trait", file=sys.stderr)
+            return 2
     if s.trait_files and not traits:
         from harness_plugins.traits_json import load_trait_path
 
@@ -128,6 +137,8 @@ def print_summary(summary: dict, run_dir, *, json_out: bool = False) -> None:
         print(f"norm peak       layer {np_['peak_layer']} of {np_['num_layers']} (relative depth {np_['relative_depth']:.2f}; "
               f"index {np_['final_norm_index']} is after the final norm)")
     print(f"run directory   {run_dir}")
+    for name, path in (summary.get("files") or {}).items():
+        print(f"  {name:22s}{path}")
 
 
 def cmd_traits(args) -> int:

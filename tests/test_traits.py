@@ -133,3 +133,29 @@ def test_wheel_ships_the_traits_and_an_installed_copy_finds_them(tmp_path):
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert {"sycophantic", "evil", "hallucinating"} <= set(eval(out.stdout))
+
+
+def test_cli_run_refuses_a_trait_file_its_trait_list_would_ignore(tmp_path, capsys):
+    import json as _json
+
+    from harness.cli import main
+
+    f = tmp_path / "other.json"
+    f.write_text(_json.dumps({"instruction": [{"pos": "p", "neg": "n"}] * 5, "questions": ["q?"],
+                              "eval_prompt": "{question} {answer}"}))
+    rc = main(["run", "--trait", "sycophantic", "--trait-file", str(f), "--out", str(tmp_path / "o"),
+               "--cache-dir", str(tmp_path / "c"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert str(f) in err and "'other'" in err and "Fix:" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_summary_lists_every_output_file(tmp_path, capsys):
+    from harness.cli import print_summary
+
+    files = {n: str(tmp_path / n) for n in ("run.json", "generations.jsonl", "vectors.safetensors")}
+    print_summary({"trait": "t", "model": "m", "generations": 2, "files": files}, tmp_path)
+    out = capsys.readouterr().out
+    for n, p in files.items():
+        assert n in out and p in out
