@@ -2,8 +2,10 @@
 
 ``llama_server`` (session scope) starts ``python -m llama_cpp.server`` on 127.0.0.1 at a free
 port, waits for ``/v1/models``, yields the base URL ``http://127.0.0.1:PORT/v1`` and stops the
-process at the end of the session. It skips, saying why, when llama-cpp-python[server] is not
-installed (``.ci/run`` installs it, so CI runs these tests).
+process at the end of the session. When llama-cpp-python[server] (or the embedded GGUF) is missing
+it skips, saying why -- unless ``PERSONA_HARNESS_REQUIRE_SERVER=1`` is set (``.ci/run`` sets it, and
+``scripts/setup.sh`` installs and checks the server), in which case it fails: CI never silently skips
+the real-server tests. A server that is installed but does not start always fails.
 """
 
 from __future__ import annotations
@@ -22,6 +24,20 @@ import pytest
 
 SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "pydantic_settings")
 START_TIMEOUT_S = float(os.environ.get("PERSONA_HARNESS_TEST_SERVER_START_S", "180"))
+REQUIRE_ENV = "PERSONA_HARNESS_REQUIRE_SERVER"
+
+
+def server_required() -> bool:
+    """True when the real-server tests must run (CI): ``PERSONA_HARNESS_REQUIRE_SERVER`` is set and not 0."""
+    return os.environ.get(REQUIRE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def server_unavailable(reason: str) -> None:
+    """Skip (local development) or fail (``PERSONA_HARNESS_REQUIRE_SERVER=1``, i.e. CI) with ``reason``."""
+    if server_required():
+        pytest.fail(f"{reason}. {REQUIRE_ENV}=1 is set, so the real-server tests must run instead of skipping "
+                    "(run scripts/setup.sh, which installs and checks llama-cpp-python[server])", pytrace=False)
+    pytest.skip(f"{reason} (set {REQUIRE_ENV}=1 to make this an error, as .ci/run does)")
 
 
 def free_port() -> int:
@@ -65,11 +81,15 @@ def llama_server(tmp_path_factory):
     """Base URL of a running llama.cpp server (llama-cpp-python) serving the embedded model."""
     missing = _missing_server_modules()
     if missing:
-        pytest.skip(f"llama-cpp-python[server] is not installed (missing: {', '.join(missing)}); "
-                    "install it with: pip install 'llama-cpp-python[server]' (.ci/run does)")
+        server_unavailable(f"llama-cpp-python[server] is not installed (missing: {', '.join(missing)}); "
+                           "install it with: pip install 'llama-cpp-python[server]' (scripts/setup.sh does)")
+    from harness.errors import HarnessError
     from harness.modeling import embedded_gguf_path
 
-    gguf = embedded_gguf_path()
+    try:
+        gguf = embedded_gguf_path()
+    except HarnessError as e:
+        server_unavailable(f"the embedded model's GGUF is not available: {e}")
     port = free_port()
     log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
     # one thread: ggml's spinning thread team degrades badly when the CPU is shared (CI, pytest -n)
