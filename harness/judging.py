@@ -8,8 +8,15 @@
 * Timeouts (``settings.judge_timeout`` seconds per HTTP request) and retries
   (``settings.judge_retries``) with exponential backoff and jitter that honour ``Retry-After``
   (seconds or an HTTP date). After the last retry the item is unscored with a reason:
-  ``timeout``, ``http_<status>``, ``connection_error``, ``invalid_output`` (or whatever a judge's
-  own ``Unscored`` says, e.g. ``refusal``, ``low_mass``).
+  ``timeout``, ``http_<status>``, ``connection_error``, ``bad_response`` (a 2xx reply whose body is
+  not JSON: truncated or malformed at the HTTP layer), ``invalid_output`` (a well-formed reply that
+  fails the verdict schema) or whatever a judge's own ``Unscored`` says (``refusal``, ``low_mass``,
+  ``out_of_range``, ...).
+* Transport-level body check: every client made by ``async_client`` gets an httpx response hook
+  (``check_json_body``) that reads each 2xx reply and raises ``BadResponse`` when its body does not
+  parse as JSON, before openai or instructor try to parse it. So a cut or garbled reply is retried
+  by ``call_with_retries`` (with backoff, counted in ``detail["attempts"]``) instead of being
+  re-asked by instructor's validation loop or recorded as ``invalid_output``.
 
 Judges stay synchronous to the pipeline: ``run_sync(coro)`` runs an event loop inside ``judge()``.
 """
@@ -39,7 +46,7 @@ LOCAL_PLACEHOLDER_KEY = "local"  # sent to local servers when no key is set (the
 MODES = ("tools", "json_schema", "json", "md_json")
 #: reasons that come from a transport problem, not from the judged text: the pipeline does not
 #: cache such judgments (``detail["transient"]``), so a rerun asks again.
-TRANSIENT_REASONS = ("timeout", "connection_error")
+TRANSIENT_REASONS = ("timeout", "connection_error", "bad_response")
 
 
 class Unscored(Exception):
@@ -49,6 +56,42 @@ class Unscored(Exception):
         super().__init__(reason)
         self.reason = reason
         self.detail = detail or {}
+
+
+class BadResponse(Exception):
+    """A 2xx reply from the judge server whose body is not JSON (truncated, garbled, an HTML page).
+
+    Raised by the ``check_json_body`` response hook; openai wraps it in ``APIConnectionError``
+    (``__cause__``), and ``classify`` maps it to the transient, retryable reason ``bad_response``."""
+
+
+def _body_excerpt(data: bytes, n: int = 80) -> str:
+    return data[:n].decode("utf-8", errors="replace").replace("\n", " ")
+
+
+async def check_json_body(response: Any) -> None:
+    """httpx response hook: a 2xx reply that is not a stream must have a JSON body."""
+    if not (200 <= response.status_code < 300):
+        return  # error statuses are classified by their status code
+    ctype = (response.headers.get("content-type") or "").lower()
+    if "text/event-stream" in ctype:
+        return
+    data = await response.aread()
+    try:
+        json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadResponse(
+            f"the judge server answered HTTP {response.status_code} with a body that is not JSON "
+            f"({len(data)} bytes, {type(e).__name__}: {e}; starts {_body_excerpt(data)!r})") from None
+
+
+def add_body_check(http_client: Any) -> Any:
+    """Add ``check_json_body`` to an httpx client's response hooks (once); returns the client."""
+    hooks = http_client.event_hooks
+    if check_json_body not in hooks.get("response", []):
+        hooks = {**hooks, "response": [*hooks.get("response", []), check_json_body]}
+        http_client.event_hooks = hooks
+    return http_client
 
 
 # -- servers -----------------------------------------------------------------------------
@@ -151,9 +194,14 @@ def model_name(settings: Any) -> str:
 
 
 def async_client(settings: Any, *, http_client: Any = None):
-    """``openai.AsyncOpenAI`` for the judge server; its own retries are off (ours honour Retry-After)."""
+    """``openai.AsyncOpenAI`` for the judge server; its own retries are off (ours honour Retry-After).
+    Its HTTP client (``http_client`` or openai's default) checks every 2xx body is JSON
+    (``check_json_body``), so truncated or malformed replies become the retryable ``bad_response``."""
     import openai
 
+    if http_client is None:
+        http_client = openai.DefaultAsyncHttpxClient(timeout=float(settings.judge_timeout))
+    add_body_check(http_client)
     return openai.AsyncOpenAI(base_url=base_url_of(settings), api_key=api_key(settings), max_retries=0,
                               timeout=float(settings.judge_timeout), http_client=http_client)
 
@@ -234,7 +282,11 @@ def classify(exc: BaseException) -> tuple[str, bool, float | None]:
 
     import openai
 
-    for e in _chain(exc):
+    chain = list(_chain(exc))
+    for e in chain:  # before APIConnectionError, which wraps it
+        if isinstance(e, BadResponse):
+            return "bad_response", True, None
+    for e in chain:
         if isinstance(e, Unscored):
             return e.reason, False, None
         if isinstance(e, (openai.APITimeoutError, asyncio.TimeoutError, TimeoutError)):
@@ -291,7 +343,8 @@ async def call_with_retries(fn: Callable[[], Awaitable[T]], policy: RetryPolicy,
                         "in the variable named by --judge-api-key-env (default OPENAI_API_KEY) and --judge-base-url"
                     ) from None
             reason, retryable, retry_after = classify(e)
-            msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            shown = next((c for c in _chain(e) if isinstance(c, BadResponse)), e)
+            msg = str(shown).splitlines()[0][:300] if str(shown) else type(shown).__name__
             if not retryable or attempt == policy.retries:
                 d: dict = {"attempts": attempt + 1, "error": msg}
                 if waited:

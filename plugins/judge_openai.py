@@ -7,8 +7,10 @@ local and unknown servers, JSON_SCHEMA for api.openai.com (see ``harness.judging
 
 ``logprob``: the paper's judge. One completion token with ``logprobs=True, top_logprobs=20``;
 score = probability-weighted mean of the integer tokens 0..100 among the top 20; unscored
-``low_mass`` when their total probability is below ``--judge-min-mass`` (0.25 by default), and
-``refusal`` when tokens spelling the start of "REFUSAL" carry more probability than the numbers.
+``low_mass`` when their total probability is below ``--judge-min-mass`` (0.25 by default) -- or ``out_of_range``
+instead when integer tokens outside 0..100 (e.g. ``150``, ``-5``) carry more probability than the
+in-range ones -- and ``refusal`` when tokens spelling the start of "REFUSAL" carry more probability
+than the numbers.
 On servers whose tokenizer splits numbers into digits (Llama 3, Qwen, SmolLM2) the first token
 is one digit, so scores only span 0..9: use a judge model whose tokenizer has whole-number tokens
 (e.g. gpt-4.1-mini), or the ``instructor`` judge, or the in-process ``local`` judge.
@@ -171,6 +173,16 @@ def number_of_token(token: str) -> int | None:
     return n if 0 <= n <= 100 else None
 
 
+def out_of_range_number(token: str) -> int | None:
+    """The integer a top-logprob token spells when it is outside 0..100 (``150``, ``-5``), else None."""
+    t = token.strip()
+    digits = t[1:] if t[:1] in ("-", "+") else t
+    if not digits or not digits.isascii() or not digits.isdigit():
+        return None
+    n = int(t)
+    return None if 0 <= n <= 100 else n
+
+
 def is_refusal_token(token: str) -> bool:
     t = token.strip()
     return len(t) >= 2 and REFUSAL_WORD.startswith(t)
@@ -179,7 +191,7 @@ def is_refusal_token(token: str) -> bool:
 def score_from_top_logprobs(top: Sequence[tuple[str, float]], min_mass: float) -> tuple[float | None, str | None, dict]:
     """(score, reason, detail) from ``[(token, logprob), ...]`` of the first completion token."""
     probs: dict[int, float] = {}
-    p_ref = 0.0
+    p_ref = p_out = 0.0
     for tok, lp in top:
         p = math.exp(lp) if lp is not None and math.isfinite(lp) else 0.0
         n = number_of_token(tok)
@@ -187,13 +199,18 @@ def score_from_top_logprobs(top: Sequence[tuple[str, float]], min_mass: float) -
             probs[n] = probs.get(n, 0.0) + p
         elif is_refusal_token(tok):
             p_ref += p
+        elif out_of_range_number(tok) is not None:
+            p_out += p
     mass = sum(probs.values())
     detail = {"mass": round(mass, 6), "p_refusal": round(p_ref, 6),
               "top": [[n, round(p, 6)] for n, p in sorted(probs.items(), key=lambda kv: -kv[1])[:5]]}
+    if p_out > 0:
+        detail["p_out_of_range"] = round(p_out, 6)
     if p_ref > mass:
         return None, "refusal", detail
     if mass <= 0 or mass < min_mass:
-        return None, "low_mass", detail
+        # unscored either way (as in the paper); say why: numbers outside 0..100 vs. no numbers
+        return None, ("out_of_range" if p_out > mass else "low_mass"), detail
     score = sum(n * p for n, p in probs.items()) / mass
     return float(min(max(score, 0.0), 100.0)), None, detail
 

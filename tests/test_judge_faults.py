@@ -3,8 +3,10 @@
 tests/fault_proxy.py sits on 127.0.0.1 between the judges (real openai/instructor clients) and the
 real server of tests/server_fixtures.py, and injects: timeouts, 429 with Retry-After, 500, 503,
 connection resets, truncated and malformed JSON, out-of-range scores and REFUSAL. Nothing crashes;
-transport faults are retried exactly as configured (``--judge-retries``) and then recorded as
-unscored with their reason; the run summary counts unscored judgments by reason; none is a 0.
+transport faults -- including a 200 reply whose body is cut or is not JSON (``bad_response``) -- are
+retried exactly as configured (``--judge-retries``), then recorded as unscored with their reason and
+not cached, so a rerun asks again; a well-formed but unusable answer (out of range, REFUSAL) is
+recorded unscored and cached. The run summary counts unscored judgments by reason; none is a 0.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ RETRIES = 2
 #: what each fault becomes, per judge
 REASONS = {
     "instructor": {"timeout": "timeout", "429": "http_429", "500": "http_500", "503": "http_503",
-                   "reset": "connection_error", "truncated": "invalid_output", "malformed": "invalid_output",
+                   "reset": "connection_error", "truncated": "bad_response", "malformed": "bad_response",
                    "out_of_range": "invalid_output", "refusal": "refusal"},
     "logprob": {"timeout": "timeout", "429": "http_429", "500": "http_500", "503": "http_503",
-                "reset": "connection_error", "truncated": "invalid_output", "malformed": "invalid_output",
-                "out_of_range": "low_mass", "refusal": "refusal"},
+                "reset": "connection_error", "truncated": "bad_response", "malformed": "bad_response",
+                "out_of_range": "out_of_range", "refusal": "refusal"},
 }
-TRANSPORT = ("timeout", "429", "500", "503", "reset")  # retried by the harness's policy
+#: retried by the harness's policy (1 + judge_retries requests), unscored as transient, not cached
+TRANSPORT = ("timeout", "429", "500", "503", "reset", "truncated", "malformed")
 
 
 def item(i: int = 0) -> JudgeItem:
@@ -63,10 +66,18 @@ def test_fault_is_retried_then_unscored_with_reason_real_server(llama_server, ju
         assert j.detail["attempts"] == RETRIES + 1 and j.detail.get("transient") is True
         if fault == "429":  # the server's Retry-After is what the client waited
             assert j.detail["waited"] == [1.0] * RETRIES
+        if fault in ("truncated", "malformed"):  # the body check names what came back
+            assert "not JSON" in j.detail["error"], j.detail
     else:
-        # an answer that arrived but is unusable: not re-sent by the harness (instructor may re-ask
-        # once per validation failure, within --judge-retries)
-        assert 1 <= n <= RETRIES + 1 and not j.detail.get("transient")
+        # a well-formed answer that is unusable: not re-sent by the harness; instructor re-asks once
+        # per schema-validation failure (at most min(max_reasks, --judge-retries) times)
+        expected = 1
+        if judge_name == "instructor" and fault == "out_of_range":
+            from harness_plugins.judge_openai import InstructorJudge
+
+            expected = 1 + min(InstructorJudge.max_reasks, RETRIES)
+        assert n == expected, f"{fault}: {n} requests, expected {expected}"
+        assert not j.detail.get("transient")
     assert all(r["fault"] == fault for r in proxy.log)
 
 
@@ -81,7 +92,7 @@ def test_timeout_is_retried_then_unscored_real_server(llama_server, judge_name):
 @pytest.mark.parametrize("judge_name", ["instructor", "logprob"])
 def test_transient_faults_then_success_are_scored_real_server(llama_server, judge_name):
     """Each item fails once (a different fault each), then the real server answers: scored."""
-    transient = ["429", "500", "503", "reset"]
+    transient = ["429", "500", "503", "reset", "truncated", "malformed"]
     items = [item(i) for i in range(len(transient))]
     by_prompt = {it.prompt: f for it, f in zip(items, transient)}
 
@@ -113,7 +124,8 @@ def _trait_dir(tmp_path):
 def test_run_summary_counts_unscored_by_reason_and_none_is_zero_real_server(llama_server, tmp_path, tiny_pm):
     """A whole run (tiny generator, logprob judge on the real server) with every fault injected for
     some items: the run completes, judgments.jsonl holds the reasons, the summary counts them,
-    a faulted item is never a 0, and a rerun asks again only for the transport failures."""
+    a faulted item is never a 0, and a rerun asks again only for the transport failures (truncated
+    and malformed bodies included)."""
     from harness.errors import NoEffectivePairsError
     from harness.pipeline import run_trait
     from harness.rubrics import judge_items
