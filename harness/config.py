@@ -3,21 +3,35 @@
 Config files: ``--config PATH``, else ``persona-harness.toml`` in the working directory, else the
 ``[tool.persona-harness]`` table of ``pyproject.toml`` there. Keys are the field names below.
 API keys are never settings: judges read them from the environment at call time.
+
+Trust: a file found automatically in the working directory (a repository you just cloned) is not
+trusted with what runs code or where the API key goes. Its ``plugins`` is an error (pass
+``--config FILE`` to trust the file, or name modules with ``--plugin`` / ``PERSONA_HARNESS_PLUGINS``);
+its ``judge_base_url`` is honoured with a ``ConfigWarning`` naming the file and host when the host is
+loopback (a server on this machine), and is an error for any other host unless the file is passed
+with ``--config`` or the URL is given by ``--judge-base-url`` / ``PERSONA_HARNESS_JUDGE_BASE_URL``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from .errors import ConfigError
 
 ENV_PREFIX = "PERSONA_HARNESS_"
 DEFAULT_MODEL = "smollm2"
+
+
+class ConfigWarning(UserWarning):
+    """A setting from a config file found automatically in the working directory that deserves a look."""
 
 
 @dataclass
@@ -139,19 +153,62 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read config file: {e}") from None
 
 
-def config_file_values(path: str | None = None, cwd: str | Path = ".") -> tuple[dict[str, Any], str]:
+def find_config_file(path: str | None = None, cwd: str | Path = ".") -> tuple[dict[str, Any], str, bool]:
+    """(values, file name, explicit): ``explicit`` is True for ``--config PATH``, False for a file
+    found automatically in ``cwd`` (``persona-harness.toml``, then ``pyproject.toml``)."""
     if path:
         data = _read_toml(Path(path))
-        return data.get("tool", {}).get("persona-harness", data), str(path)
+        return data.get("tool", {}).get("persona-harness", data), str(path), True
     cand = Path(cwd) / "persona-harness.toml"
     if cand.exists():
-        return _read_toml(cand), str(cand)
+        return _read_toml(cand), str(cand), False
     pyproject = Path(cwd) / "pyproject.toml"
     if pyproject.exists():
         data = _read_toml(pyproject).get("tool", {}).get("persona-harness")
         if data:
-            return data, str(pyproject)
-    return {}, ""
+            return data, str(pyproject), False
+    return {}, "", False
+
+
+def config_file_values(path: str | None = None, cwd: str | Path = ".") -> tuple[dict[str, Any], str]:
+    values, name, _ = find_config_file(path, cwd)
+    return values, name
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_discovered_file(values: dict[str, Any], file_name: str, flags: dict[str, Any]) -> None:
+    """Refuse what an automatically found config file may not do silently (see the module docstring)."""
+    table = "[tool.persona-harness] " if Path(file_name).name == "pyproject.toml" else ""
+    if values.get("plugins"):
+        raise ConfigError(
+            f"{file_name}: {table}setting 'plugins' would import code, and this config file was found "
+            "automatically in the working directory, so it is not trusted to do that. "
+            f"Fix: pass --config {file_name} to trust this file, or load the modules with --plugin MODULE "
+            "(or PERSONA_HARNESS_PLUGINS)")
+    url = values.get("judge_base_url")
+    if url and flags.get("judge_base_url") is None:
+        host = urlparse(str(url)).hostname or str(url)
+        if _is_loopback(host):
+            warnings.warn(
+                f"{file_name}: {table}judge_base_url sends judge requests (with the API key from "
+                f"the judge_api_key_env variable, if set) to host {host}; this config file was found "
+                f"automatically in the working directory. Pass --config {file_name} to silence this warning",
+                ConfigWarning, stacklevel=3)
+        else:
+            raise ConfigError(
+                f"{file_name}: {table}setting 'judge_base_url' would send judge requests and the API key to host "
+                f"{host}, and this config file was found automatically in the working directory, so it is not "
+                f"trusted to do that. Fix: pass --config {file_name} to trust this file, or give "
+                "--judge-base-url URL (or PERSONA_HARNESS_JUDGE_BASE_URL)")
 
 
 def load_settings(
@@ -170,13 +227,16 @@ def load_settings(
         if key in environ and name not in ("plugin_config", "profile_applied"):
             values[name] = _coerce(name, environ[key], f"environment {key}")
             explicit.add(name)
-    file_values, file_name = config_file_values(config_path, cwd)
+    file_values, file_name, file_explicit = find_config_file(config_path, cwd)
+    from_file: dict[str, Any] = {}
     for name, value in file_values.items():
         name = name.replace("-", "_")
         if name not in FIELDS:
             raise ConfigError(f"{file_name}: unknown setting '{name}'. Known: {', '.join(sorted(FIELDS))}")
-        values[name] = _coerce(name, value, file_name)
+        from_file[name] = values[name] = _coerce(name, value, file_name)
         explicit.add(name)
+    if from_file and not file_explicit:
+        _check_discovered_file(from_file, file_name, flags or {})
     for name, value in (flags or {}).items():
         if value is None:
             continue
