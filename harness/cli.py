@@ -52,7 +52,8 @@ def add_settings_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--splits", dest="set_splits", default=None, help="comma list: extract,eval")
     g.add_argument("--traits-dir", dest="traits_dirs", action="append", default=[], help="extra traits folder")
     g.add_argument("--trait-file", dest="trait_files", action="append", default=[], help="run a trait from this file")
-    g.add_argument("--plugin", dest="plugins", action="append", default=[], help="load this plugin module")
+    g.add_argument("--plugin", dest="plugins", action="append", default=[],
+                   help="load this plugin module (installed, else MODULE.py in the current directory)")
     g.add_argument("--config", dest="config", default=None, help="TOML config file")
     g.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bars")
 
@@ -221,13 +222,57 @@ def build_parser(pm=None) -> argparse.ArgumentParser:
     return p
 
 
+def plugin_args(argv: Sequence[str]) -> list[str]:
+    """The modules named by ``--plugin MODULE`` / ``--plugin=MODULE`` in ``argv``."""
+    mods = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--plugin"]
+    return mods + [a.split("=", 1)[1] for a in argv if a.startswith("--plugin=")]
+
+
+def import_plugin_modules(mods: Sequence[str]) -> None:
+    """Import the ``--plugin`` modules: as installed first; a module that is not installed is then
+    looked for in the current directory (``python -m``-style), so ``persona-harness ... --plugin
+    my_plugin`` works next to ``my_plugin.py`` without ``PYTHONPATH=.``. The current directory is
+    on ``sys.path`` only while these imports run, and only for ``--plugin`` modules (not for
+    ``PERSONA_HARNESS_PLUGINS`` or a config file's ``plugins``)."""
+    import importlib
+    import os
+
+    for mod in (m.strip() for m in mods):
+        if not mod:
+            continue
+        try:
+            importlib.import_module(mod)
+            continue
+        except ModuleNotFoundError as e:
+            if not (e.name and (mod == e.name or mod.startswith(e.name + "."))):  # it is there but needs more
+                raise HarnessError(f"--plugin {mod!r}: cannot import it ({e}). Fix: install what it needs") from e
+        except ImportError as e:
+            raise HarnessError(f"--plugin {mod!r}: cannot import it ({e}). Fix: install it or check the module name") from e
+        cwd = os.getcwd()
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            raise HarnessError(
+                f"--plugin {mod!r}: cannot import it ({e}); looked in the installed packages and in the current "
+                f"directory {cwd}. Fix: install it, run from the folder that holds {mod.split('.')[0]}.py, "
+                "or check the module name") from e
+        finally:
+            try:
+                sys.path.remove(cwd)
+            except ValueError:  # pragma: no cover - the plugin removed it itself
+                pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .plugins import get_plugin_manager
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # --plugin modules must be known before parsing so their commands exist
-    mods = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--plugin"]
+    mods = plugin_args(argv)
     try:
+        import_plugin_modules(mods)
         pm = get_plugin_manager(modules=mods)
         parser = build_parser(pm)
         args = parser.parse_args(argv)
