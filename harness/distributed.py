@@ -7,16 +7,24 @@ extractors (``fast``) shard the examples and all-reduce the per-layer sums and c
 vectors equal the single-process result. Other extractors run on rank 0 and are broadcast.
 
 Backend: NCCL when CUDA is available, gloo otherwise (``PERSONA_HARNESS_DIST_BACKEND`` overrides).
-Models too big for one GPU: run one process per host with ``--device auto`` and
-``device_map="auto"`` placement (see README.md, "GPU engine"), not torchrun ranks per GPU.
+Collective timeout: ``PERSONA_HARNESS_DIST_TIMEOUT`` seconds (default 6 h): ranks 1.. wait in a
+broadcast while rank 0 judges, and NCCL's own default (10 min) would end a long judge stage.
+Models too big for one GPU: run one plain process per host with ``--device-map auto`` (see
+README.md, "Several GPUs: torchrun"), not torchrun ranks per GPU; the two cannot be combined.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any, Sequence, TypeVar
 
+from .errors import HarnessError
+
 T = TypeVar("T")
+
+TIMEOUT_ENV = "PERSONA_HARNESS_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 6 * 3600.0
 
 
 def env_world() -> int:
@@ -48,10 +56,30 @@ def rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), env_world()
 
 
-def init() -> tuple[int, int]:
-    """Initialise the process group from the environment once; returns (rank, world)."""
+def timeout_seconds(value: float | str | None = None) -> float:
+    """The collective timeout: ``value``, else ``PERSONA_HARNESS_DIST_TIMEOUT``, else 6 h."""
+    raw = os.environ.get(TIMEOUT_ENV, "") if value is None else value
+    if raw in ("", None):
+        return DEFAULT_TIMEOUT_S
+    try:
+        t = float(raw)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not t > 0 or t == float("inf"):
+        raise HarnessError(f"{TIMEOUT_ENV}={raw!r}: give the collective timeout in seconds, > 0 (default 21600 = 6 h)")
+    return t
+
+
+def init(timeout: float | str | None = None) -> tuple[int, int]:
+    """Initialise the process group from the environment once; returns (rank, world).
+
+    ``timeout`` (seconds; default ``PERSONA_HARNESS_DIST_TIMEOUT``, else 6 h) bounds every collective,
+    including the broadcast in which ranks 1.. wait while rank 0 judges.
+    """
     if not is_distributed():
         return 0, 1
+    import datetime
+
     import torch
     import torch.distributed as dist
 
@@ -59,7 +87,7 @@ def init() -> tuple[int, int]:
         backend = os.environ.get("PERSONA_HARNESS_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_seconds(timeout)))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -132,8 +160,23 @@ def barrier() -> None:
 
 
 # ----------------------------------------------------------------------- pipeline helpers
+_PRIVATE_DIRS: list[str] = []
+
+
+def cleanup_private_run_dirs() -> None:
+    """Delete the throwaway run folders ``private_run_dir`` made on this rank (also done at exit)."""
+    import shutil
+
+    while _PRIVATE_DIRS:
+        shutil.rmtree(_PRIVATE_DIRS.pop(), ignore_errors=True)
+
+
 def private_run_dir(run_dir):
-    """Rank 0 writes ``run_dir``; other ranks write into a throwaway folder of their own."""
+    """Rank 0 writes ``run_dir``; other ranks write into a throwaway folder of their own.
+
+    A rank's throwaway folder lives until its next run starts (the previous one is deleted then)
+    or the process exits, whichever comes first.
+    """
     from pathlib import Path
 
     r, w = rank_world()
@@ -141,7 +184,13 @@ def private_run_dir(run_dir):
         return Path(run_dir)
     import tempfile
 
-    return Path(tempfile.mkdtemp(prefix=f"persona-harness-rank{r}-"))
+    cleanup_private_run_dirs()
+    d = tempfile.mkdtemp(prefix=f"persona-harness-rank{r}-")
+    _PRIVATE_DIRS.append(d)
+    return Path(d)
+
+
+atexit.register(cleanup_private_run_dirs)
 
 
 def generate_sharded(ctx, requests, generator, run_generate):
@@ -168,8 +217,6 @@ def on_main(fn):
         return broadcast(out)[1]
     status, value = broadcast(None)
     if status == "error":
-        from .errors import HarnessError
-
         raise HarnessError(f"rank 0 failed: {value}")
     return value
 

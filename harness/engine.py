@@ -79,6 +79,11 @@ def fast_generation_supported(model) -> tuple[bool, str]:
         base_model(model)
     except TypeError as e:
         return False, str(e)
+    from .modeling import model_devices
+
+    devices = model_devices(model)
+    if len(devices) > 1:  # device_map placement: the static cache and graphs live on one device
+        return False, f"model spans {len(devices)} devices ({', '.join(devices)}; device_map)"
     return True, ""
 
 

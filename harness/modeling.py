@@ -106,23 +106,59 @@ def resolve_dtype(dtype: str, device) -> Any:
         raise HarnessError(f"dtype {dtype!r} is not one of float32, bfloat16, float16, auto") from None
 
 
-def load_hf_model(model_id: str, *, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load any HF causal LM (hub id or local path); ``smollm2`` is the embedded default."""
+def model_devices(model) -> list[str]:
+    """Distinct devices of a model placed with ``device_map`` (``hf_device_map``); [] when it has none."""
+    dmap = getattr(model, "hf_device_map", None)
+    if not isinstance(dmap, dict):
+        return []
+    # accelerate writes GPU indices as ints; "cuda:1", torch.device("cuda", 1) and 1 are one device
+    norm = {f"cuda:{d}" if isinstance(d, int) else str(d) for d in dmap.values()}
+    return sorted({"cuda:0" if d == "cuda" else d for d in norm})
+
+
+def spans_devices(model) -> bool:
+    """True when ``device_map`` placed the model on more than one device (engine fast paths don't apply)."""
+    return len(model_devices(model)) > 1
+
+
+def load_hf_model(model_id: str, *, device: str = "auto", dtype: str = "auto", device_map: str = "") -> LoadedModel:
+    """Load any HF causal LM (hub id or local path); ``smollm2`` is the embedded default.
+
+    ``device_map`` ("auto", "balanced", ...; needs accelerate) is passed to ``from_pretrained``, which
+    places the layers over this host's GPUs; the model is then not moved, and ``LoadedModel.device`` is
+    the device of the input embeddings. It cannot be combined with torchrun ranks (WORLD_SIZE > 1).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dev = resolve_device(device)
+    if device_map:
+        from .distributed import env_world, is_distributed
+
+        if is_distributed():
+            raise HarnessError(
+                f"device_map={device_map!r} places one model over all of this host's GPUs and cannot run under "
+                f"torchrun (WORLD_SIZE={env_world()}). Fix: run one plain process per host with --device-map, "
+                "or drop --device-map so that each rank loads its own copy on cuda:LOCAL_RANK")
+        if device != "auto":
+            raise HarnessError(f"give --device ({device!r}) or --device-map ({device_map!r}), not both")
+    dev = resolve_device("auto" if device_map else device)
     dt = resolve_dtype(dtype, dev)
     path = str(embedded_model_dir()) if model_id in EMBEDDED_ALIASES else model_id
     canonical = EMBEDDED_ID if model_id in EMBEDDED_ALIASES else model_id
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
-    model.to(dev)
+    info: dict[str, Any] = {"path": path}
+    if device_map:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, device_map=device_map)
+        dev = model.get_input_embeddings().weight.device
+        info.update(device_map=device_map, devices=model_devices(model))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+        model.to(dev)
     model.eval()
     torch.set_grad_enabled(False)
     prepare_tokenizer(tok)
-    return LoadedModel(model=model, tokenizer=tok, model_id=canonical, device=dev, dtype=dt,
-                       info={"path": path, "class": type(model).__name__})
+    info["class"] = type(model).__name__
+    return LoadedModel(model=model, tokenizer=tok, model_id=canonical, device=dev, dtype=dt, info=info)
 
 
 def prepare_tokenizer(tok) -> None:

@@ -4,17 +4,20 @@ Same vectors as ``mean-diff`` (within bf16 tolerance on GPU, fp32 rounding on CP
 means at every hidden_states index, summed in fp32, divided by the counts. Hooks on the decoder
 layers replace ``output_hidden_states``; no lm_head; batches sized by tokens from free memory.
 Under torch.distributed each rank extracts its shard of the examples and the sums and counts
-are all-reduced, so every rank holds the single-process vectors.
+are all-reduced, so every rank holds the single-process vectors. A model that ``device_map`` placed
+on several devices falls back to the ``mean-diff`` extractor (one-line notice): the engine's hooks
+would sum each layer on its own device.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 from harness.activations import METHODS
-from harness.errors import NoEffectivePairsError
 from harness.hookspecs import hookimpl
 from harness.records import Generation, VectorSet
+from harness_plugins.extract_mean_diff import MeanDiffExtractor, mean_diff_vectors, require_pairs
 
 
 def sharded_sums(lm, gens: Sequence[Generation], methods=METHODS) -> tuple[dict[str, Any], int]:
@@ -39,14 +42,23 @@ class FastExtractor:
         self.settings = settings
 
     def extract(self, trait, pos: Sequence[Generation], neg: Sequence[Generation], ctx) -> VectorSet:
-        if not pos or not neg:
-            raise NoEffectivePairsError(f"{trait.name}: no effective pairs to extract from (pos={len(pos)}, neg={len(neg)})")
+        require_pairs(trait, pos, neg)
         lm = ctx.model()
+        from harness.modeling import model_devices
+
+        devices = model_devices(lm.model)
+        if len(devices) > 1:
+            from harness import distributed as hd
+
+            warnings.warn(f"extractor 'fast': model spans {len(devices)} devices ({', '.join(devices)}; device_map); "
+                          "using the 'mean-diff' extractor", stacklevel=2)
+            vs = hd.on_main(lambda: MeanDiffExtractor(self.settings).extract(trait, pos, neg, ctx))
+            vs.extractor = self.name
+            vs.metadata["fallback"] = "mean-diff"
+            return vs
         psum, npos = sharded_sums(lm, pos)
         nsum, nneg = sharded_sums(lm, neg)
-        tensors = {f"{m}_diff": (psum[m] / npos - nsum[m] / nneg).cpu() for m in METHODS}
-        return VectorSet(trait=trait.name, model_id=lm.model_id, tensors=tensors, n_pos=npos, n_neg=nneg,
-                         extractor=self.name)
+        return mean_diff_vectors(trait, lm, psum, npos, nsum, nneg, self.name)
 
 
 @hookimpl

@@ -29,6 +29,19 @@ def mean_activations(lm, gens: Sequence[Generation], batch_size: int) -> tuple[d
     return sums, len(examples)
 
 
+def require_pairs(trait, pos: Sequence[Generation], neg: Sequence[Generation]) -> None:
+    if not pos or not neg:
+        raise NoEffectivePairsError(f"{trait.name}: no effective pairs to extract from (pos={len(pos)}, neg={len(neg)})")
+
+
+def mean_diff_vectors(trait, lm, psum: dict[str, Any], npos: int, nsum: dict[str, Any], nneg: int,
+                      extractor: str) -> VectorSet:
+    """VectorSet of ``{method}_diff = psum/npos - nsum/nneg`` (on the CPU) for every method in METHODS."""
+    tensors = {f"{m}_diff": (psum[m] / npos - nsum[m] / nneg).cpu() for m in METHODS}
+    return VectorSet(trait=trait.name, model_id=lm.model_id, tensors=tensors, n_pos=npos, n_neg=nneg,
+                     extractor=extractor)
+
+
 class MeanDiffExtractor:
     name = "mean-diff"
 
@@ -36,15 +49,12 @@ class MeanDiffExtractor:
         self.settings = settings
 
     def extract(self, trait, pos: Sequence[Generation], neg: Sequence[Generation], ctx) -> VectorSet:
-        if not pos or not neg:
-            raise NoEffectivePairsError(f"{trait.name}: no effective pairs to extract from (pos={len(pos)}, neg={len(neg)})")
+        require_pairs(trait, pos, neg)
         lm = ctx.model()
         bs = self.settings.extract_batch_size
         psum, npos = mean_activations(lm, pos, bs)
         nsum, nneg = mean_activations(lm, neg, bs)
-        tensors = {f"{m}_diff": (psum[m] / npos - nsum[m] / nneg).cpu() for m in METHODS}
-        return VectorSet(trait=trait.name, model_id=lm.model_id, tensors=tensors, n_pos=npos, n_neg=nneg,
-                         extractor=self.name)
+        return mean_diff_vectors(trait, lm, psum, npos, nsum, nneg, self.name)
 
 
 @hookimpl

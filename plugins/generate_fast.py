@@ -3,12 +3,14 @@
 Same records and seeds as the ``hf`` generator: ``Generation`` fields, ``row_seed(seed, id)``,
 the same Gumbel-max noise, so at temperature 0 the tokens equal HF greedy ``generate``. On CPU
 the engine runs the same loop eagerly. Architectures the engine does not cover (sliding-window,
-soft-capped, ...) fall back to the ``hf`` generator.
+soft-capped, ...) and models that ``device_map`` placed on several devices fall back to the ``hf``
+generator, with a one-line notice.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Sequence
 
 from harness.hookspecs import hookimpl
@@ -36,6 +38,8 @@ class FastGenerator:
         ok, why = fast_generation_supported(lm.model)
         if not ok:
             from harness_plugins.generate_hf import HFGenerator
+
+            warnings.warn(f"generator 'fast': {why}; using the 'hf' generator", stacklevel=2)
 
             gens = HFGenerator(self.settings).generate(requests, ctx)
             return [Generation.from_dict({**g.to_dict(), "generator": self.name}) for g in gens]

@@ -1,12 +1,34 @@
-"""Default model loader: any HF causal LM id or local path; ``smollm2`` is the embedded model."""
+"""Default model loader: any HF causal LM id or local path; ``smollm2`` is the embedded model.
+
+Under torchrun (WORLD_SIZE > 1) each rank loads its own copy onto ``cuda:LOCAL_RANK``
+(``harness.distributed.local_device``); ``--device cpu`` stays on the CPU, an explicit GPU such as
+``--device cuda:0`` is refused (every rank would load onto that one GPU), and so is ``--device-map``.
+"""
 
 from __future__ import annotations
 
 from harness.hookspecs import hookimpl
 
 
+def rank_device(device: str) -> str:
+    """The device this process loads onto: ``device`` alone, ``cuda:LOCAL_RANK`` under torchrun."""
+    from harness import distributed as hd
+    from harness.errors import HarnessError
+
+    if not hd.is_distributed():
+        return device
+    if device in ("auto", "cuda"):
+        return hd.local_device()
+    if device == "cpu":
+        return device
+    raise HarnessError(
+        f"--device {device} names one device, but torchrun started {hd.env_world()} ranks that would all load onto it. "
+        "Fix: leave --device at auto (each rank uses cuda:LOCAL_RANK), or choose the GPUs with CUDA_VISIBLE_DEVICES")
+
+
 @hookimpl(trylast=True)
 def harness_load_model(model_id, settings):
     from harness.modeling import load_hf_model
 
-    return load_hf_model(model_id, device=settings.device, dtype=settings.dtype)
+    return load_hf_model(model_id, device=rank_device(settings.device), dtype=settings.dtype,
+                         device_map=getattr(settings, "device_map", ""))
