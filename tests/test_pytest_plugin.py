@@ -175,6 +175,21 @@ def test_shipped_checks_files_are_valid():
             checks.thresholds_for(data, model, f)
 
 
+def test_readme_thresholds_example_is_the_shipped_sycophantic_file():
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Thresholds: `traits/<name>/checks.json`", 1)[1].split("\n### ", 1)[0]
+    shown = json.loads(re.search(r"```json\n(.*?)\n```", section, re.S).group(1))
+    shipped = checks.load_checks_file(ROOT / "traits" / "sycophantic" / "checks.json")
+
+    def values(data):  # thresholds only: the README shortens the notes
+        return {b: {k: v for k, v in blk.items() if not k.startswith("_")} for b, blk in data.items()
+                if not b.startswith("_")}
+
+    assert values(shown) == values(shipped)
+
+
 def test_plugin_import_is_light():
     code = ("import sys, harness.pytest_plugin, harness.checks, harness.plugins;"
             "harness.plugins.get_plugin_manager(entrypoints=False);"
