@@ -303,15 +303,8 @@ class ConstantJudge:
         return out
 
 
-class BenchPlugin:
-    def __init__(self, lm):
-        self.lm = lm
-
+class BenchJudgePlugin:
     from harness.hookspecs import hookimpl
-
-    @hookimpl
-    def harness_load_model(self, model_id, settings):
-        return self.lm
 
     @hookimpl
     def harness_register_judges(self, register):
@@ -335,7 +328,10 @@ def pipeline_run(lm, w, generator: str, extractor: str, one_at_a_time: bool, spe
                  batch_size=1 if one_at_a_time else 0, extract_batch_size=1 if one_at_a_time else 16,
                  plugin_config={"fast": {"ignore_eos": True}, "hf": {"ignore_eos": True}})
     pm = get_plugin_manager(entrypoints=False)
-    pm.register(BenchPlugin(lm), name="bench")
+    from harness.testing import StaticModelPlugin
+
+    pm.register(StaticModelPlugin(lm), name="bench-model")
+    pm.register(BenchJudgePlugin(), name="bench-judge")
     return run_trait(spec, s, pm=pm, splits=("extract",))
 
 
