@@ -537,15 +537,16 @@ def test_another_project_with_only_the_one_line_module_runs_the_packaged_checks(
     assert ROOT not in pytester.path.parents
     _trait_files(pytester.path / "traits", "mini", {"default": {"score_gap": 50, "effective_pair_rate": 0.5,
                                                                 "norm_peak_band": [0.0, 1.0], "auroc": 0.0}})
-    (pytester.path / "traits" / "test_acceptance.py").write_text(ONE_LINE_MODULE)
+    # own basename: in one pytest process with this repo's traits/ the module name test_acceptance is taken
+    (pytester.path / "traits" / "test_project_acceptance.py").write_text(ONE_LINE_MODULE)
     (pytester.path / "persona-harness.toml").write_text(
         'judge = "fake"\nmax_new_tokens = 4\nn_per_question = 1\nextract_batch_size = 4\n')
     assert sorted(p.name for p in pytester.path.rglob("*") if p.is_file()) == [
-        "checks.json", "eval.json", "extract.json", "persona-harness.toml", "test_acceptance.py"]
+        "checks.json", "eval.json", "extract.json", "persona-harness.toml", "test_project_acceptance.py"]
     args = ("traits", "--trait", "mini", "-p", "no:cacheprovider", "-v", "-rs")
     res = pytester.runpytest(*args, "--update-reference", plugins=[_ConfigurePlugin(tiny_lm, [])])
     res.assert_outcomes(passed=4)
-    res.stdout.fnmatch_lines([f"traits/test_acceptance.py::{t}[[]mini[]] PASSED*" for t in
+    res.stdout.fnmatch_lines([f"traits/test_project_acceptance.py::{t}[[]mini[]] PASSED*" for t in
                               ("test_score_gap", "test_norm_peak", "test_projection_auroc", "test_reference_cosine")])
     res.stdout.fnmatch_lines(["*persona-harness acceptance: model smollm2*judge fake*",
                               "mini*score_gap*score_gap*>= 50.0*pass"])
