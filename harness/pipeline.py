@@ -7,8 +7,8 @@ batch finishes, so an interrupted run resumes and an identical rerun recomputes 
 from __future__ import annotations
 
 import itertools
-import platform
 import os
+import platform
 import re
 import sys
 import time
