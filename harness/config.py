@@ -170,11 +170,6 @@ def find_config_file(path: str | None = None, cwd: str | Path = ".") -> tuple[di
     return {}, "", False
 
 
-def config_file_values(path: str | None = None, cwd: str | Path = ".") -> tuple[dict[str, Any], str]:
-    values, name, _ = find_config_file(path, cwd)
-    return values, name
-
-
 def _is_loopback(host: str) -> bool:
     host = host.lower().rstrip(".")
     if host == "localhost" or host.endswith(".localhost"):
