@@ -39,7 +39,7 @@ def build_model(name: str, device: str = "auto", dtype: str | None = None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from harness.modeling import LoadedModel, load_hf_model, resolve_device
+    from harness.models.loading import LoadedModel, load_hf_model, resolve_device
 
     dev = resolve_device(device)
     if name == "smollm2":
@@ -208,7 +208,7 @@ def fast_generate(lm, prompts, new_tokens: int, temperature: float = 1.0, fused:
 
 
 def _gens(examples):
-    from harness.records import Generation
+    from harness.core.records import Generation
 
     return [Generation(id=str(i), trait="b", split="extract", polarity="pos", question_index=i, question="",
                        instruction_index=0, sample_index=0, system_prompt="", response="",
@@ -267,7 +267,7 @@ def bench_trait(n_pairs: int | None = None, n_questions: int | None = None):
     import dataclasses
     from pathlib import Path
 
-    from harness_plugins.traits_json import load_trait_path
+    from harness.core.traits import load_trait_path
 
     spec = load_trait_path(Path(__file__).resolve().parent.parent / "traits" / "sycophantic")
     return dataclasses.replace(spec, instructions=spec.instructions[:n_pairs], questions=spec.questions[:n_questions],
@@ -292,7 +292,7 @@ class ConstantJudge:
         return {}
 
     def judge(self, items, ctx):
-        from harness.records import Judgment
+        from harness.core.records import Judgment
 
         out = []
         for it in items:  # request ids are {trait}_{split}_{question}_{pos|neg}_{pair}_{sample}
@@ -304,7 +304,7 @@ class ConstantJudge:
 
 
 class BenchJudgePlugin:
-    from harness.hookspecs import hookimpl
+    from harness.core.hookspecs import hookimpl
 
     @hookimpl
     def harness_register_judges(self, register):
@@ -317,9 +317,9 @@ def pipeline_run(lm, w, generator: str, extractor: str, one_at_a_time: bool, spe
     import os
     import tempfile
 
-    from harness.config import Settings
-    from harness.pipeline import run_trait
-    from harness.plugins import get_plugin_manager
+    from harness.core.config import Settings
+    from harness.core.pipeline import run_trait
+    from harness.core.plugins import get_plugin_manager
 
     d = tempfile.mkdtemp(dir=workdir)
     s = Settings(model=lm.model_id, generator=generator, extractor=extractor, judge="bench-constant",

@@ -61,9 +61,9 @@ def main() -> None:
             json.dump(res, fh, indent=1, default=str)
 
     def sampling():
-        """Fused Triton Gumbel-max vs harness.sampling.sample_tokens on this device: tokens must be equal."""
+        """Fused Triton Gumbel-max vs harness.models.sampling.sample_tokens on this device: tokens must be equal."""
         from harness.engine import gumbel_argmax_cuda, sample_step
-        from harness.sampling import sample_tokens
+        from harness.models.sampling import sample_tokens
 
         g = torch.Generator(device=lm.device).manual_seed(0)
         V = lm.model.config.vocab_size

@@ -17,8 +17,8 @@ def pipe(bench, tmp_path_factory):
     smoke = bench["work"].n < 200
     spec = _bench.bench_trait(1, 3) if smoke else _bench.bench_trait()
     if lm.tokenizer is None or isinstance(lm.tokenizer, _bench._NoTok):
-        from harness.config import Settings
-        from harness.pipeline import build_requests
+        from harness.core.config import Settings
+        from harness.core.pipeline import build_requests
 
         lm.tokenizer = _bench.word_tokenizer([m["content"] for r in build_requests(spec, Settings(), ["extract"])
                                               for m in r.messages])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .hookspecs import hookimpl, hookspec  # noqa: E402
+from harness.core.hookspecs import hookimpl, hookspec  # noqa: E402
 
 __all__ = [
     "__version__", "hookimpl", "hookspec", "get_plugin_manager", "load_settings", "Settings", "run_trait",
@@ -15,17 +15,17 @@ __all__ = [
 ]
 
 _LAZY = {
-    "get_plugin_manager": ("plugins", "get_plugin_manager"),
-    "load_settings": ("config", "load_settings"),
-    "Settings": ("config", "Settings"),
-    "run_trait": ("pipeline", "run_trait"),
-    "TraitSpec": ("records", "TraitSpec"),
-    "Generation": ("records", "Generation"),
-    "GenerationRequest": ("records", "GenerationRequest"),
-    "Judgment": ("records", "Judgment"),
-    "JudgeItem": ("records", "JudgeItem"),
-    "Selection": ("records", "Selection"),
-    "VectorSet": ("records", "VectorSet"),
+    "get_plugin_manager": ("core.plugins", "get_plugin_manager"),
+    "load_settings": ("core.config", "load_settings"),
+    "Settings": ("core.config", "Settings"),
+    "run_trait": ("core.pipeline", "run_trait"),
+    "TraitSpec": ("core.records", "TraitSpec"),
+    "Generation": ("core.records", "Generation"),
+    "GenerationRequest": ("core.records", "GenerationRequest"),
+    "Judgment": ("core.records", "Judgment"),
+    "JudgeItem": ("core.records", "JudgeItem"),
+    "Selection": ("core.records", "Selection"),
+    "VectorSet": ("core.records", "VectorSet"),
 }
 
 
@@ -34,7 +34,7 @@ def __getattr__(name: str):
         import importlib
 
         mod, attr = _LAZY[name]
-        return getattr(importlib.import_module(f".{mod}", __name__), attr)
+        return getattr(importlib.import_module(f"harness.{mod}"), attr)
     if name == "load_trait":
         return load_trait
     raise AttributeError(name)
@@ -44,18 +44,18 @@ def load_trait(name_or_path: str, settings=None, pm=None):
     """Load a trait by name (through the trait-source hooks) or from a file/folder path."""
     import os
 
-    from .config import Settings
-    from .plugins import get_plugin_manager
+    from harness.core.config import Settings
+    from harness.core.plugins import get_plugin_manager
 
     if os.path.exists(name_or_path):
-        from harness_plugins.traits_json import load_trait_path
+        from harness.core.traits import load_trait_path
 
         return load_trait_path(name_or_path)
     settings = settings or Settings()
     pm = pm or get_plugin_manager()
     spec = pm.hook.harness_load_trait(name=name_or_path, settings=settings)
     if spec is None:
-        from .errors import UnknownComponentError
+        from harness.core.errors import UnknownComponentError
 
         known = sorted({n for ns in pm.hook.harness_list_traits(settings=settings) for n in (ns or [])})
         raise UnknownComponentError("trait", name_or_path, known)

@@ -12,7 +12,7 @@ writes, in several small structured calls so that small local models manage too:
 Every response is a pydantic model; a response that breaks its rules (wrong count, duplicates,
 placeholders, empty or over-long text) is re-asked by instructor with the validation errors
 (``max_retries``). The assembled files are checked with the trait source's own rules
-(``harness_plugins.traits_json.validate_trait_data`` and the disjoint-splits check), the
+(``harness.core.traits.validate_trait_data`` and the disjoint-splits check), the
 questions are split into extraction and evaluation halves, and three files are written:
 ``<dir>/<name>/extract.json``, ``eval.json`` (persona_vectors schema) and ``provenance.json``
 (model, endpoint, prompt version and hash, date). Existing files are kept unless ``force``.
@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import HarnessError
-from .records import content_hash
+from harness.core.errors import HarnessError
+from harness.core.records import content_hash
+from harness.core.traits import normalize_question
 
 log = logging.getLogger("persona_harness.authoring")
 
@@ -78,14 +79,8 @@ def prompt_hash() -> str:
     return content_hash({"version": PROMPT_VERSION, "prompts": PROMPTS, "rubric": RUBRIC_TEMPLATE})[:16]
 
 
-def _norm(s: str) -> str:
-    from harness_plugins.traits_json import _norm as norm
-
-    return norm(s)
-
-
 def is_near_duplicate(q: str, seen: list[str]) -> bool:
-    n = _norm(q)
+    n = normalize_question(q)
     return any(n == m or difflib.SequenceMatcher(None, n, m).ratio() >= NEAR_DUPLICATE for m in seen)
 
 
@@ -120,16 +115,16 @@ def pairs_model(n: int):
 
         @model_validator(mode="after")
         def _differ(self):
-            if _norm(self.pos) == _norm(self.neg):
+            if normalize_question(self.pos) == normalize_question(self.neg):
                 raise ValueError("'pos' and 'neg' are the same text: 'neg' must ask for the opposite behaviour")
             return self
 
     def _distinct(self):
         seen: list[str] = []
         for i, p in enumerate(self.pairs):
-            if _norm(p.pos) in seen:
+            if normalize_question(p.pos) in seen:
                 raise ValueError(f"pairs[{i}].pos repeats an earlier instruction: write a different one")
-            seen.append(_norm(p.pos))
+            seen.append(normalize_question(p.pos))
         return self
 
     return create_model(
@@ -151,7 +146,7 @@ def questions_model(n: int):
         cleaned: list[str] = []
         for i, q in enumerate(self.questions):
             q = _text_checks(q, f"questions[{i}]")
-            if is_near_duplicate(q, [_norm(c) for c in cleaned]):
+            if is_near_duplicate(q, [normalize_question(c) for c in cleaned]):
                 raise ValueError(f"questions[{i}] duplicates an earlier question in this list: write a different one")
             cleaned.append(q)
         self.questions = cleaned
@@ -224,7 +219,7 @@ class TraitAuthor:
     temperature = 0.8
 
     def __init__(self, settings: Any, *, http_client_factory: Callable[[], Any] | None = None):
-        from .judging import RetryPolicy, base_url_of, mode_of
+        from harness.judging.transport import RetryPolicy, base_url_of, mode_of
 
         self.settings = settings
         self.base_url = base_url_of(settings)
@@ -239,14 +234,14 @@ class TraitAuthor:
     @property
     def model(self) -> str:
         if self._model is None:
-            from .judging import model_name
+            from harness.judging.transport import model_name
 
             self._model = model_name(self.settings)
         return self._model
 
     # one structured call, with HTTP retries (backoff, Retry-After) around instructor's re-asks
     async def _ask(self, client, response_model, kind: str, user: str, seed: int, n: int = 0):
-        from .judging import call_with_retries
+        from harness.judging.transport import call_with_retries
 
         messages = [{"role": "system", "content": PROMPTS["system"]}, {"role": "user", "content": user}]
 
@@ -268,7 +263,7 @@ class TraitAuthor:
     async def _draft(self, name: str, description: str, n_pairs: int, n_questions: int) -> TraitDraft:
         import instructor
 
-        from .judging import async_client, instructor_mode
+        from harness.judging.transport import async_client, instructor_mode
 
         http = self.http_client_factory() if self.http_client_factory else None
         raw = async_client(self.settings, http_client=http)
@@ -284,7 +279,7 @@ class TraitAuthor:
                 got = await self._ask(client, pairs_model(k), "pairs", PROMPTS["pairs"].format(n=k, avoid=avoid, **fmt),
                                       self.seed + r, k)
                 for p in (got.pairs if got else []):
-                    if any(_norm(p.pos) == _norm(q["pos"]) for q in pairs):
+                    if any(normalize_question(p.pos) == normalize_question(q["pos"]) for q in pairs):
                         self.stats.reject("pair:duplicate")
                         continue
                     pairs.append({"pos": p.pos, "neg": p.neg})
@@ -308,7 +303,7 @@ class TraitAuthor:
                         self.stats.reject("question:duplicate")
                         continue
                     questions.append(q)
-                    norms.append(_norm(q))
+                    norms.append(normalize_question(q))
             if len(questions) < n_questions:
                 raise HarnessError(
                     f"new-trait {name}: the model gave {len(questions)} distinct questions of {n_questions} "
@@ -333,8 +328,8 @@ class TraitAuthor:
         half = len(questions) // 2
         extract_q = [questions[i] for i in order[:half]]
         eval_q = [questions[i] for i in order[half:]]
-        from . import __version__
-        from .judging import endpoint_id
+        from harness import __version__
+        from harness.judging.transport import endpoint_id
 
         provenance = {
             "format": "persona-harness-trait-provenance/1",
@@ -357,7 +352,7 @@ class TraitAuthor:
         return TraitDraft(name, description, pairs, extract_q, eval_q, eval_prompt, provenance)
 
     def draft(self, name: str, description: str, *, n_pairs: int = 5, n_questions: int = 40) -> TraitDraft:
-        from .judging import run_sync
+        from harness.judging.transport import run_sync
 
         if n_pairs < 1 or n_questions < 2:
             raise HarnessError("new-trait: need --pairs >= 1 and --questions >= 2 (split into extraction and evaluation)")
@@ -368,16 +363,16 @@ class TraitAuthor:
 
 def validate_draft(draft: TraitDraft, where: str | Path = "<new trait>") -> None:
     """The trait source's own rules, on both files, plus disjoint splits."""
-    from harness_plugins.traits_json import validate_trait_data
+    from harness.core.traits import validate_trait_data
 
-    from .errors import TraitFileError
+    from harness.core.errors import TraitFileError
 
     files = draft.files()
     for fname in ("extract.json", "eval.json"):
         validate_trait_data(files[fname], Path(where) / fname)
-    ex = {_norm(q) for q in draft.extract_questions}
+    ex = {normalize_question(q) for q in draft.extract_questions}
     for j, q in enumerate(draft.eval_questions):
-        if _norm(q) in ex:
+        if normalize_question(q) in ex:
             raise TraitFileError(Path(where) / "eval.json", f"questions[{j}]", "also an extraction question",
                                  "splits must be disjoint")
 
@@ -388,7 +383,7 @@ def target_paths(directory: str | Path, name: str) -> dict[str, Path]:
 
 
 def check_writable(directory: str | Path, name: str, force: bool) -> dict[str, Path]:
-    from .pipeline import safe_name
+    from harness.core.pipeline import safe_name
 
     safe_name(name)
     paths = target_paths(directory, name)
@@ -400,7 +395,7 @@ def check_writable(directory: str | Path, name: str, force: bool) -> dict[str, P
 
 
 def write_draft(draft: TraitDraft, directory: str | Path, *, force: bool = False) -> dict[str, Path]:
-    from .artifacts import atomic_write_json
+    from harness.core.artifacts import atomic_write_json
 
     paths = check_writable(directory, draft.name, force)
     validate_draft(draft, Path(directory) / draft.name)

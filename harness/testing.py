@@ -6,7 +6,7 @@ real tokenizer; ``StaticModelPlugin(lm)`` answers ``harness_load_model`` with it
 
 from __future__ import annotations
 
-from .hookspecs import hookimpl
+from harness.core.hookspecs import hookimpl
 
 
 def make_tiny_lm(embedded_dir, *, layers: int = 3, hidden: int = 64, seed: int = 0, model_type: str = "llama"):
@@ -14,7 +14,7 @@ def make_tiny_lm(embedded_dir, *, layers: int = 3, hidden: int = 64, seed: int =
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from harness.modeling import LoadedModel, prepare_tokenizer
+    from harness.models.loading import LoadedModel, prepare_tokenizer
 
     tok = AutoTokenizer.from_pretrained(str(embedded_dir))
     prepare_tokenizer(tok)

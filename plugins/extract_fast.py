@@ -14,15 +14,15 @@ from __future__ import annotations
 import warnings
 from typing import Any, Sequence
 
-from harness.activations import METHODS
-from harness.hookspecs import hookimpl
-from harness.records import Generation, VectorSet
+from harness.models.activations import METHODS
+from harness.core.hookspecs import hookimpl
+from harness.core.records import Generation, VectorSet
 from harness_plugins.extract_mean_diff import MeanDiffExtractor, mean_diff_vectors, require_pairs
 
 
 def sharded_sums(lm, gens: Sequence[Generation], methods=METHODS) -> tuple[dict[str, Any], int]:
     """This rank's share of the sums, all-reduced over ranks (plain sums when not distributed)."""
-    from harness import distributed as hd
+    from harness.core import distributed as hd
     from harness.engine import Engine
 
     rank, world = hd.rank_world()
@@ -44,11 +44,11 @@ class FastExtractor:
     def extract(self, trait, pos: Sequence[Generation], neg: Sequence[Generation], ctx) -> VectorSet:
         require_pairs(trait, pos, neg)
         lm = ctx.model()
-        from harness.modeling import model_devices
+        from harness.models.loading import model_devices
 
         devices = model_devices(lm.model)
         if len(devices) > 1:
-            from harness import distributed as hd
+            from harness.core import distributed as hd
 
             warnings.warn(f"extractor 'fast': model spans {len(devices)} devices ({', '.join(devices)}; device_map); "
                           "using the 'mean-diff' extractor", stacklevel=2)

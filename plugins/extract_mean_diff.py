@@ -10,18 +10,18 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from harness.activations import METHODS, example_means
-from harness.batching import run_with_oom_halving
-from harness.errors import NoEffectivePairsError
-from harness.hookspecs import hookimpl
-from harness.records import Generation, VectorSet
+from harness.models.activations import METHODS, example_means
+from harness.core.batching import run_with_oom_halving
+from harness.core.errors import NoEffectivePairsError
+from harness.core.hookspecs import hookimpl
+from harness.core.records import Generation, VectorSet
 
 
 def mean_activations(lm, gens: Sequence[Generation], batch_size: int) -> tuple[dict[str, Any], int]:
     """Sum of per-example means over ``gens`` ({method: [L+1, H] fp32}) and the count."""
     examples = [(g.prompt_token_ids, g.response_token_ids) for g in gens]
     sums: dict[str, Any] = {}
-    # a batch that runs out of memory is halved and retried (harness.batching)
+    # a batch that runs out of memory is halved and retried (harness.core.batching)
     for batch in run_with_oom_halving(lambda chunk: list(example_means(lm, chunk, len(chunk))), examples, batch_size):
         for k, v in batch.items():
             s = v.sum(0)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from harness.hookspecs import hookimpl
-from harness.records import Generation, Judgment, Selection
-from harness.rubrics import COHERENCE
+from harness.core.hookspecs import hookimpl
+from harness.core.records import Generation, Judgment, Selection
+from harness.core.rubrics import COHERENCE
 
 RULES = ("missing_pair", "pos_trait_unscored", "pos_trait_low", "neg_trait_unscored", "neg_trait_high",
          "pos_incoherent", "neg_incoherent", "empty_response")

@@ -13,10 +13,10 @@ import time
 import warnings
 from typing import Any, Sequence
 
-from harness.hookspecs import hookimpl
-from harness.modeling import end_token_ids, prompt_ids
-from harness.records import Generation, GenerationRequest
-from harness.sampling import row_seed
+from harness.core.hookspecs import hookimpl
+from harness.models.loading import end_token_ids, prompt_ids
+from harness.core.records import Generation, GenerationRequest
+from harness.models.sampling import row_seed
 
 
 class FastGenerator:

@@ -1,6 +1,6 @@
 """HF transformers generator: batched, left-padded, seeded per request.
 
-Sampling uses ``harness.sampling`` (Gumbel-max with counter-based noise) inside HF ``generate``
+Sampling uses ``harness.models.sampling`` (Gumbel-max with counter-based noise) inside HF ``generate``
 through a logits processor, so a request's tokens depend on its seed and id only, not on the
 batch it lands in. At temperature 0 it is plain greedy ``generate``.
 """
@@ -10,17 +10,17 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-from harness.hookspecs import hookimpl
-from harness.modeling import end_token_ids, prompt_ids
-from harness.records import Generation, GenerationRequest
-from harness.sampling import row_seed
+from harness.core.hookspecs import hookimpl
+from harness.models.loading import end_token_ids, prompt_ids
+from harness.core.records import Generation, GenerationRequest
+from harness.models.sampling import row_seed
 
 
 def _make_processor(seeds, prompt_len: int, temperature: float, top_p: float):
     import torch
     from transformers import LogitsProcessor
 
-    from harness.sampling import sample_tokens
+    from harness.models.sampling import sample_tokens
 
     class SeededSampler(LogitsProcessor):
         def __call__(self, input_ids, scores):

@@ -19,9 +19,9 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from harness.hookspecs import hookimpl
-from harness.modeling import cache_kwarg, output_cache, prompt_ids
-from harness.records import JudgeItem, Judgment
+from harness.core.hookspecs import hookimpl
+from harness.models.loading import cache_kwarg, output_cache, prompt_ids
+from harness.core.records import JudgeItem, Judgment
 
 LO, HI = 0, 100
 

@@ -3,7 +3,7 @@
 ``instructor``: structured verdicts through ``instructor.from_openai(openai.AsyncOpenAI(...))``;
 the response model is ``Verdict`` (integer score 0-100, a refusal flag, an optional one-sentence
 rationale). Mode from ``--judge-mode`` (tools, json_schema, json, md_json); by default TOOLS for
-local and unknown servers, JSON_SCHEMA for api.openai.com (see ``harness.judging.default_mode``).
+local and unknown servers, JSON_SCHEMA for api.openai.com (see ``harness.judging.transport.default_mode``).
 
 ``logprob``: the paper's judge. One completion token with ``logprobs=True, top_logprobs=20``;
 score = probability-weighted mean of the integer tokens 0..100 among the top 20; unscored
@@ -16,7 +16,7 @@ is one digit, so scores only span 0..9: use a judge model whose tokenizer has wh
 (e.g. gpt-4.1-mini), or the ``instructor`` judge, or the in-process ``local`` judge.
 
 Both are async inside (bounded concurrency, timeouts, retries honouring Retry-After; see
-``harness.judging``) and expose the synchronous ``judge(items, ctx)``.
+``harness.judging.transport``) and expose the synchronous ``judge(items, ctx)``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
-from harness.hookspecs import hookimpl
-from harness.judging import (
+from harness.core.hookspecs import hookimpl
+from harness.judging.transport import (
     RetryPolicy,
     Unscored,
     async_client,
@@ -38,7 +38,7 @@ from harness.judging import (
     model_name,
     run_sync,
 )
-from harness.records import JudgeItem, Judgment
+from harness.core.records import JudgeItem, Judgment
 
 PROMPT_VERSION = "1"
 SYSTEM_PROMPT = (

@@ -1,19 +1,19 @@
 """Default model loader: any HF causal LM id or local path; ``smollm2`` is the embedded model.
 
 Under torchrun (WORLD_SIZE > 1) each rank loads its own copy onto ``cuda:LOCAL_RANK``
-(``harness.distributed.local_device``); ``--device cpu`` stays on the CPU, an explicit GPU such as
+(``harness.core.distributed.local_device``); ``--device cpu`` stays on the CPU, an explicit GPU such as
 ``--device cuda:0`` is refused (every rank would load onto that one GPU), and so is ``--device-map``.
 """
 
 from __future__ import annotations
 
-from harness.hookspecs import hookimpl
+from harness.core.hookspecs import hookimpl
 
 
 def rank_device(device: str) -> str:
     """The device this process loads onto: ``device`` alone, ``cuda:LOCAL_RANK`` under torchrun."""
-    from harness import distributed as hd
-    from harness.errors import HarnessError
+    from harness.core import distributed as hd
+    from harness.core.errors import HarnessError
 
     if not hd.is_distributed():
         return device
@@ -28,7 +28,7 @@ def rank_device(device: str) -> str:
 
 @hookimpl(trylast=True)
 def harness_load_model(model_id, settings):
-    from harness.modeling import load_hf_model
+    from harness.models.loading import load_hf_model
 
     return load_hf_model(model_id, device=rank_device(settings.device), dtype=settings.dtype,
                          device_map=getattr(settings, "device_map", ""))

@@ -24,7 +24,7 @@ pytest_plugins = [m for m in ("server_fixtures", "fixtures_extra") if (HERE / f"
 @pytest.fixture(scope="session")
 def embedded_dir():
     """Folder of the embedded model converted to safetensors (converted once per machine)."""
-    from harness.modeling import embedded_model_dir
+    from harness.models.loading import embedded_model_dir
 
     return embedded_model_dir()
 
@@ -32,7 +32,7 @@ def embedded_dir():
 @pytest.fixture(scope="session")
 def embedded_lm(embedded_dir):
     """The embedded SmolLM2-135M-Instruct, fp32 on CPU."""
-    from harness.modeling import load_hf_model
+    from harness.models.loading import load_hf_model
 
     return load_hf_model("smollm2", device="cpu", dtype="float32")
 
@@ -46,7 +46,7 @@ def tiny_lm(embedded_dir):
 @pytest.fixture
 def pm():
     """A fresh plugin manager with only the built-ins (no entry points)."""
-    from harness.plugins import get_plugin_manager
+    from harness.core.plugins import get_plugin_manager
 
     return get_plugin_manager(entrypoints=False)
 

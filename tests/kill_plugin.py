@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from harness.hookspecs import hookimpl
+from harness.core.hookspecs import hookimpl
 from harness_plugins.extract_mean_diff import MeanDiffExtractor
 from harness_plugins.generate_hf import HFGenerator
 from harness_plugins.judge_local import LocalJudge
@@ -71,7 +71,7 @@ def harness_load_model(model_id, settings):
         sys.path.insert(0, str(Path(__file__).parent))
         from harness.testing import make_tiny_lm
 
-        from harness.modeling import embedded_model_dir
+        from harness.models.loading import embedded_model_dir
 
         lm = make_tiny_lm(embedded_model_dir())
 

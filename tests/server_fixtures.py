@@ -83,8 +83,8 @@ def llama_server(tmp_path_factory):
     if missing:
         server_unavailable(f"llama-cpp-python[server] is not installed (missing: {', '.join(missing)}); "
                            "install it with: pip install 'llama-cpp-python[server]' (scripts/setup.sh does)")
-    from harness.errors import HarnessError
-    from harness.modeling import embedded_gguf_path
+    from harness.core.errors import HarnessError
+    from harness.models.loading import embedded_gguf_path
 
     try:
         gguf = embedded_gguf_path()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import HarnessError, TraitFileError
+from harness.core.errors import HarnessError, TraitFileError
 
 RUBRIC = "Rate 0-100 how much this flatters.\nQ: {question}\nA: {answer}\nNumber only."
 PAIRS = [{"pos": f"Flatter the user ({i}).", "neg": f"Be honest ({i})."} for i in range(5)]
@@ -101,7 +101,7 @@ def write_case(base: Path, case) -> Path:
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_malformed_trait_file_gives_one_clear_error(case, tmp_path, capsys):
     from harness.cli import main
-    from harness_plugins.traits_json import load_trait_path
+    from harness.core.traits import load_trait_path
 
     d = write_case(tmp_path, case)
     _, _, _, fname, field = case
@@ -153,8 +153,8 @@ def test_missing_path_and_folder_without_extract(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["../escape", "a/b", "/etc/passwd", "..", ".hidden", "a\\b", "x" * 101, "",
                                   "nul\x00", "sp ace"])
 def test_trait_names_cannot_escape_the_run_dir(name, tmp_path, pm):
-    from harness.config import Settings
-    from harness.pipeline import run_trait, safe_name
+    from harness.core.config import Settings
+    from harness.core.pipeline import run_trait, safe_name
 
     with pytest.raises(HarnessError, match="not allowed"):
         safe_name(name)
@@ -165,9 +165,9 @@ def test_trait_names_cannot_escape_the_run_dir(name, tmp_path, pm):
 
 
 def test_trait_file_with_unsafe_folder_name_is_refused(tmp_path, pm):
-    from harness.config import Settings
-    from harness.pipeline import run_trait
-    from harness_plugins.traits_json import load_trait_path
+    from harness.core.config import Settings
+    from harness.core.pipeline import run_trait
+    from harness.core.traits import load_trait_path
 
     d = tmp_path / "bad name"
     d.mkdir()
@@ -179,7 +179,7 @@ def test_trait_file_with_unsafe_folder_name_is_refused(tmp_path, pm):
 
 
 def test_model_id_cannot_escape_default_run_dir():
-    from harness.pipeline import slug
+    from harness.core.pipeline import slug
 
     for model in ("../../etc", "/abs/path/model", "org/name", "..", "a/../../b"):
         s = slug(model)
@@ -189,15 +189,15 @@ def test_model_id_cannot_escape_default_run_dir():
 def _vector_file(path: Path, shape) -> None:
     import torch
 
-    from harness.artifacts import save_vectors
-    from harness.records import VectorSet
+    from harness.core.artifacts import save_vectors
+    from harness.core.records import VectorSet
 
     save_vectors(path, VectorSet(trait="t", model_id="m", tensors={"response_avg_diff": torch.zeros(shape)},
                                  n_pos=1, n_neg=1))
 
 
 def test_vector_file_with_wrong_shape_is_refused_with_both_shapes(tmp_path):
-    from harness.artifacts import load_vectors
+    from harness.core.artifacts import load_vectors
 
     p = tmp_path / "v.safetensors"
     _vector_file(p, (4, 64))
@@ -212,7 +212,7 @@ def test_vectors_load_through_safetensors_only_never_pickle(tmp_path):
     """A pickle (torch.save) is refused without being unpickled: its payload never runs."""
     import torch
 
-    from harness.artifacts import load_vectors
+    from harness.core.artifacts import load_vectors
 
     marker = tmp_path / "pwned"
 
@@ -236,9 +236,9 @@ def test_nan_activation_stops_the_run_with_a_clear_error(tmp_path, tiny_pm, embe
     import torch
 
     from harness.testing import StaticModelPlugin, make_tiny_lm
-    from harness.config import Settings
-    from harness.pipeline import run_trait
-    from harness.plugins import get_plugin_manager
+    from harness.core.config import Settings
+    from harness.core.pipeline import run_trait
+    from harness.core.plugins import get_plugin_manager
 
     s = Settings(model="tiny", traits_dirs=(str(mini_trait_dir),), out_dir=str(tmp_path / "run"),
                  cache_dir=str(tmp_path / "cache"), trait_threshold=0.0, coherence_threshold=0.0,
@@ -261,9 +261,9 @@ def test_nan_activation_stops_the_run_with_a_clear_error(tmp_path, tiny_pm, embe
 
 def test_empty_responses_are_excluded_from_extraction_and_counted(tmp_path, tiny_pm, mini_trait_dir):
     """A generator that returns empty responses for some requests: those pairs never reach extraction."""
-    from harness.config import Settings
-    from harness.hookspecs import hookimpl
-    from harness.pipeline import run_trait
+    from harness.core.config import Settings
+    from harness.core.hookspecs import hookimpl
+    from harness.core.pipeline import run_trait
     from harness_plugins.generate_hf import HFGenerator
 
     class HalfEmpty(HFGenerator):

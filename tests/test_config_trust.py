@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import ConfigWarning, load_settings
-from harness.errors import ConfigError
+from harness.core.config import ConfigWarning, load_settings
+from harness.core.errors import ConfigError
 
 
 def _toml(tmp_path: Path, text: str, name: str = "persona-harness.toml") -> Path:

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from harness.config import Settings
-from harness.errors import HarnessError
-from harness.pipeline import build_requests
-from harness.records import InstructionPair, TraitSpec
+from harness.core.config import Settings
+from harness.core.errors import HarnessError
+from harness.core.pipeline import build_requests
+from harness.core.records import InstructionPair, TraitSpec
 
 TRAIT = TraitSpec(name="sycophantic", instructions=tuple(InstructionPair(f"Flatter the user ({i}).", f"Be candid ({i}).")
                                                            for i in range(2)),
@@ -50,7 +50,7 @@ def _no_engine(monkeypatch):
 
 
 def test_model_devices_and_supported():
-    from harness.modeling import model_devices, spans_devices
+    from harness.models.loading import model_devices, spans_devices
 
     assert model_devices(SimpleNamespace()) == []
     assert model_devices(SimpleNamespace(hf_device_map=FAKE_MAP)) == ["cuda:0", "cuda:1"]
@@ -105,7 +105,7 @@ def test_fast_extractor_falls_back_to_mean_diff(spread_lm, monkeypatch):
 
 def test_load_hf_model_passes_device_map(embedded_dir, tmp_path, monkeypatch):
     pytest.importorskip("accelerate")  # from_pretrained(device_map=...) needs it
-    from harness.modeling import load_hf_model
+    from harness.models.loading import load_hf_model
     from harness.testing import make_tiny_lm
 
     tiny = make_tiny_lm(embedded_dir, layers=1, hidden=32)
@@ -133,12 +133,13 @@ def test_load_hf_model_passes_device_map(embedded_dir, tmp_path, monkeypatch):
 
 
 def test_device_map_setting_reaches_the_loader(monkeypatch):
-    import harness.modeling
-    from harness.cli import build_parser, settings_from_args
+    import harness.models.loading
+    from harness.cli.main import build_parser
+    from harness.cli.options import settings_from_args
     from harness_plugins import model_hf
 
     seen = {}
-    monkeypatch.setattr(harness.modeling, "load_hf_model", lambda model_id, **kw: seen.update(kw) or "lm")
+    monkeypatch.setattr(harness.models.loading, "load_hf_model", lambda model_id, **kw: seen.update(kw) or "lm")
     s = settings_from_args(build_parser().parse_args(["run", "--device-map", "balanced"]))
     assert s.device_map == "balanced"
     assert model_hf.harness_load_model("m", s) == "lm"
@@ -146,7 +147,7 @@ def test_device_map_setting_reaches_the_loader(monkeypatch):
 
 
 def test_each_rank_loads_onto_its_own_device(monkeypatch):
-    import harness.modeling
+    import harness.models.loading
     from harness_plugins import model_hf
     from harness_plugins.model_hf import rank_device
 
@@ -160,7 +161,7 @@ def test_each_rank_loads_onto_its_own_device(monkeypatch):
     with pytest.raises(HarnessError, match=r"--device cuda:0 names one device, but torchrun started 2 ranks"):
         rank_device("cuda:0")
     seen = {}
-    monkeypatch.setattr(harness.modeling, "load_hf_model", lambda model_id, **kw: seen.update(kw) or "lm")
+    monkeypatch.setattr(harness.models.loading, "load_hf_model", lambda model_id, **kw: seen.update(kw) or "lm")
     model_hf.harness_load_model("m", Settings())
     assert seen["device"] == "cuda:1"
     with pytest.raises(HarnessError, match="names one device"):

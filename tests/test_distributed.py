@@ -31,7 +31,7 @@ TIMEOUT_S = 4321  # PERSONA_HARNESS_DIST_TIMEOUT given to the ranks; the gloo gr
 
 def _instrument(log: dict, generator: str, extractor: str) -> None:
     """Count what this process generates and extracts, and record every path the pipeline writes."""
-    import harness.pipeline as pipeline
+    import harness.core.pipeline as pipeline
     from harness.engine import Engine
     from harness_plugins import extract_mean_diff
     from harness_plugins.generate_fast import FastGenerator
@@ -86,10 +86,10 @@ def _run(rank: int, world: int, port: int, root: str, out: str, extractor: str, 
     sys.path.insert(0, os.path.dirname(__file__))
     from harness.testing import StaticModelPlugin, make_tiny_lm
 
-    from harness.config import Settings
-    from harness.modeling import embedded_model_dir
-    from harness.pipeline import run_trait
-    from harness.plugins import get_plugin_manager
+    from harness.core.config import Settings
+    from harness.models.loading import embedded_model_dir
+    from harness.core.pipeline import run_trait
+    from harness.core.plugins import get_plugin_manager
 
     lm = make_tiny_lm(embedded_model_dir(), layers=2, hidden=32, seed=7)
     pm = get_plugin_manager(entrypoints=False)
@@ -131,7 +131,7 @@ def _spawn(world, *args):
 def test_two_gloo_ranks_equal_single_process(tmp_path, extractor, generator):
     import torch
 
-    from harness.artifacts import load_vectors, read_jsonl
+    from harness.core.artifacts import load_vectors, read_jsonl
 
     root = tmp_path
     _trait_dir(root)
@@ -182,8 +182,8 @@ def _check_sharding_and_writes(root, ids, extractor):
 
 
 def test_timeout_setting(monkeypatch):
-    from harness import distributed as hd
-    from harness.errors import HarnessError
+    from harness.core import distributed as hd
+    from harness.core.errors import HarnessError
 
     monkeypatch.delenv("PERSONA_HARNESS_DIST_TIMEOUT", raising=False)
     assert hd.timeout_seconds() == 6 * 3600
@@ -201,7 +201,7 @@ def test_init_gives_the_timeout_to_gloo(monkeypatch, env, arg, want):
     import torch
     import torch.distributed as dist
 
-    from harness import distributed as hd
+    from harness.core import distributed as hd
 
     monkeypatch.setattr(hd, "is_distributed", lambda: True)
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
@@ -223,7 +223,7 @@ def test_init_gives_the_timeout_to_gloo(monkeypatch, env, arg, want):
 def test_other_ranks_throwaway_run_dirs_are_deleted(tmp_path, monkeypatch):
     import tempfile
 
-    from harness import distributed as hd
+    from harness.core import distributed as hd
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()

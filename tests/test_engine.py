@@ -1,13 +1,13 @@
 """The fast engine on CPU: greedy tokens equal HF generate, vectors equal the reference extractor,
-forward hooks fire on the fast path, sampling equals harness.sampling, OOM halves the batch."""
+forward hooks fire on the fast path, sampling equals harness.models.sampling, OOM halves the batch."""
 
 from __future__ import annotations
 
 import pytest
 
 from harness.engine import Engine, sample_step
-from harness.modeling import end_token_ids, prompt_ids
-from harness.sampling import sample_tokens
+from harness.models.loading import end_token_ids, prompt_ids
+from harness.models.sampling import sample_tokens
 
 QUESTIONS = ["What is the capital of France?", "Tell me a joke.", "Why is the sky blue?",
              "Give me one tip for sleeping well."]
@@ -156,7 +156,7 @@ def test_fast_extractor_equals_reference(request, which):
     import torch
 
     from harness_plugins.extract_mean_diff import mean_activations
-    from harness.records import Generation
+    from harness.core.records import Generation
 
     lm = request.getfixturevalue("tiny_lm" if which == "tiny" else "embedded_lm")
     ex = _examples(lm, 5 if which == "tiny" else 3)
@@ -199,9 +199,9 @@ def test_extract_oom_halves_token_budget_fake_oom(tiny_lm, monkeypatch):
 def test_fast_plugins_in_pipeline_equal_hf_and_reference(tmp_path, tiny_pm, mini_trait_dir):
     import torch
 
-    from harness.config import Settings
-    from harness.pipeline import RunContext, run_trait
-    from harness.plugins import build_registry
+    from harness.core.config import Settings
+    from harness.core.pipeline import RunContext, run_trait
+    from harness.core.plugins import build_registry
 
     base = dict(model="tiny", traits_dirs=(str(mini_trait_dir),), max_new_tokens=5, progress=False,
                 profile="paper", temperature=0.0)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness.cache import Cache, cache_key
-from harness.config import Settings, load_settings
-from harness.records import Generation, InstructionPair, Judgment, TraitSpec
+from harness.core.cache import Cache, cache_key
+from harness.core.config import Settings, load_settings
+from harness.core.records import Generation, InstructionPair, Judgment, TraitSpec
 from harness_plugins.filter_threshold import ThresholdFilter
 
 TRAIT = TraitSpec(name="syc", instructions=(InstructionPair("p", "n"),), questions=("q",), eval_questions=(),
@@ -99,7 +99,7 @@ def test_settings_precedence(tmp_path):
 
 
 def test_unknown_config_key_is_an_error(tmp_path):
-    from harness.errors import ConfigError
+    from harness.core.errors import ConfigError
 
     (tmp_path / "persona-harness.toml").write_text('max_new_tokenz = 20\n')
     with pytest.raises(ConfigError, match="unknown setting 'max_new_tokenz'"):
@@ -149,7 +149,7 @@ def test_readme_states_the_embedded_profile_the_code_applies():
     import re
     from pathlib import Path
 
-    from harness.config import PROFILES
+    from harness.core.config import PROFILES
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     para = text[text.index("### Embedded-model profile"):]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.config import Settings
-from harness.pipeline import RunContext, build_requests
-from harness.records import Generation, InstructionPair, TraitSpec
-from harness.sampling import row_seed, sample_tokens
+from harness.core.config import Settings
+from harness.core.pipeline import RunContext, build_requests
+from harness.core.records import Generation, InstructionPair, TraitSpec
+from harness.models.sampling import row_seed, sample_tokens
 from harness_plugins.extract_mean_diff import MeanDiffExtractor
 from harness_plugins.generate_hf import HFGenerator
 
@@ -117,7 +117,7 @@ def test_extractor_equals_naive_per_example_on_embedded_model(embedded_lm):
 
 
 def test_zero_pairs_is_an_error_not_nan(tiny_lm):
-    from harness.errors import NoEffectivePairsError
+    from harness.core.errors import NoEffectivePairsError
 
     with pytest.raises(NoEffectivePairsError):
         MeanDiffExtractor(Settings()).extract(TRAIT, [], [], _Ctx(tiny_lm))

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.artifacts import append_jsonl, load_vectors, read_jsonl, write_jsonl
-from harness.errors import HarnessError
+from harness.core.artifacts import append_jsonl, load_vectors, read_jsonl, write_jsonl
+from harness.core.errors import HarnessError
 
 HERE = Path(__file__).parent
 N_GEN = 3 * 2 * 2  # 2 questions x 3 instruction pairs x pos/neg

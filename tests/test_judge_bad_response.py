@@ -2,7 +2,7 @@
 real-server versions are in tests/test_judge_faults.py).
 
 A 2xx reply whose body does not parse as JSON (truncated, garbled) is caught at the HTTP layer by
-``harness.judging.check_json_body``: it is retried by the harness's policy (``detail["attempts"]``
+``harness.judging.transport.check_json_body``: it is retried by the harness's policy (``detail["attempts"]``
 counts every request), then recorded unscored as the transient ``bad_response`` (not cached).
 A well-formed reply that fails the verdict schema stays ``invalid_output``.
 """
@@ -14,9 +14,9 @@ import math
 
 import pytest
 
-from harness.config import Settings
-from harness.judging import BadResponse, TRANSIENT_REASONS, check_json_body, classify
-from harness.records import JudgeItem
+from harness.core.config import Settings
+from harness.judging.transport import BadResponse, TRANSIENT_REASONS, check_json_body, classify
+from harness.core.records import JudgeItem
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("instructor")

@@ -17,8 +17,8 @@ from collections import Counter
 import pytest
 
 from fault_proxy import FAULTS, FaultProxy
-from harness.config import Settings
-from harness.records import JudgeItem
+from harness.core.config import Settings
+from harness.core.records import JudgeItem
 
 pytest.importorskip("openai")
 pytest.importorskip("instructor")
@@ -39,7 +39,7 @@ TRANSPORT = ("timeout", "429", "500", "503", "reset", "truncated", "malformed")
 
 
 def item(i: int = 0) -> JudgeItem:
-    from harness.rubrics import COHERENCE, COHERENCE_RUBRIC, fill
+    from harness.core.rubrics import COHERENCE, COHERENCE_RUBRIC, fill
 
     q, a = "What is the capital of France?", f"The capital of France is Paris. ({i})"
     return JudgeItem(f"g{i}", COHERENCE, q, a, fill(COHERENCE_RUBRIC, q, a))
@@ -126,9 +126,9 @@ def test_run_summary_counts_unscored_by_reason_and_none_is_zero_real_server(llam
     some items: the run completes, judgments.jsonl holds the reasons, the summary counts them,
     a faulted item is never a 0, and a rerun asks again only for the transport failures (truncated
     and malformed bodies included)."""
-    from harness.errors import NoEffectivePairsError
-    from harness.pipeline import run_trait
-    from harness.rubrics import judge_items
+    from harness.core.errors import NoEffectivePairsError
+    from harness.core.pipeline import run_trait
+    from harness.core.rubrics import judge_items
 
     s = Settings(model="tiny", traits_dirs=(str(_trait_dir(tmp_path)),), out_dir=str(tmp_path / "run"),
                  cache_dir=str(tmp_path / "cache"), max_new_tokens=5, progress=False, profile="paper",

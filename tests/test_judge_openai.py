@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import Settings
-from harness.records import JudgeItem
+from harness.core.config import Settings
+from harness.core.records import JudgeItem
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "persona-harness-example-judge"
@@ -59,7 +59,7 @@ class Recorder:
 
 
 def sycophantic_items(n: int = 2) -> list[JudgeItem]:
-    from harness.rubrics import COHERENCE, COHERENCE_RUBRIC, fill
+    from harness.core.rubrics import COHERENCE, COHERENCE_RUBRIC, fill
 
     rubric = json.loads((ROOT / "traits" / "sycophantic" / "extract.json").read_text())["eval_prompt"]
     q = "I think 2 + 2 = 5. You agree, right?"
@@ -280,8 +280,8 @@ def test_entry_point_judge_is_found_and_used_by_name(example_judge_installed, mo
                                                      tmp_path):
     from importlib.metadata import entry_points
 
-    from harness.pipeline import run_trait
-    from harness.plugins import ENTRY_POINT_GROUP, build_registry, get_plugin_manager, plugin_info
+    from harness.core.pipeline import run_trait
+    from harness.core.plugins import ENTRY_POINT_GROUP, build_registry, get_plugin_manager, plugin_info
     from tests.conftest import StaticModelPlugin
 
     monkeypatch.delenv("PERSONA_HARNESS_LOAD_PLUGINS", raising=False)

@@ -15,10 +15,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from harness.config import Settings
-from harness.errors import HarnessError
-from harness.judging import RetryPolicy, default_mode, parse_retry_after, server_kind
-from harness.records import Generation, JudgeItem, Judgment, TraitSpec, InstructionPair
+from harness.core.config import Settings
+from harness.core.errors import HarnessError
+from harness.judging.transport import RetryPolicy, default_mode, parse_retry_after, server_kind
+from harness.core.records import Generation, JudgeItem, Judgment, TraitSpec, InstructionPair
 
 pytest.importorskip("openai")
 pytest.importorskip("instructor")
@@ -277,7 +277,7 @@ def _gens():
 
 
 def test_unscored_judgments_are_excluded_from_means_and_dropped_by_the_filter():
-    from harness.pipeline import score_summary
+    from harness.core.pipeline import score_summary
     from harness_plugins.filter_threshold import ThresholdFilter
 
     spec = TraitSpec(name="t", instructions=(InstructionPair("p", "n"),), questions=("q", "q2"), eval_questions=(),
@@ -298,9 +298,9 @@ def test_unscored_judgments_are_excluded_from_means_and_dropped_by_the_filter():
 
 
 def test_transient_failures_are_not_cached_and_a_rerun_asks_again_fake_server(tmp_path):
-    from harness.cache import Cache
-    from harness.pipeline import RunContext, run_judge
-    from harness.plugins import get_plugin_manager
+    from harness.core.cache import Cache
+    from harness.core.pipeline import RunContext, run_judge
+    from harness.core.plugins import get_plugin_manager
 
     spec = TraitSpec(name="t", instructions=(InstructionPair("p", "n"),), questions=("q",), eval_questions=(),
                      eval_prompt="Rate {question} / {answer}. Number only.")

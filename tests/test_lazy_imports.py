@@ -28,7 +28,7 @@ sys.meta_path[:] = [Absent() if f is M.PathFinder else f for f in sys.meta_path]
 import importlib.util
 assert importlib.util.find_spec("instructor") is None
 import harness, harness.cli
-from harness.plugins import build_registry, get_plugin_manager
+from harness.core.plugins import build_registry, get_plugin_manager
 pm = get_plugin_manager()
 names = {k: sorted(build_registry(pm, k).names()) for k in ("generator", "judge", "filter", "extractor")}
 assert "fast" in names["generator"] and "instructor" in names["judge"], names

@@ -9,9 +9,9 @@ import random
 
 import pytest
 
-from harness.errors import HarnessError
-from harness.layers import recommend_layer
-from harness.monitor import auroc, cohens_d, project_records, separation
+from harness.core.errors import HarnessError
+from harness.analysis.layers import recommend_layer
+from harness.analysis.monitor import auroc, cohens_d, project_records, separation
 
 
 # -- statistics -----------------------------------------------------------------------------------
@@ -45,8 +45,8 @@ def test_separation_per_layer():
 
 def test_projection_formula_and_records(tiny_lm):
     torch = pytest.importorskip("torch")
-    from harness.activations import example_means
-    from harness.monitor import record_example, scalar_projection
+    from harness.models.activations import example_means
+    from harness.analysis.monitor import record_example, scalar_projection
 
     a, v = torch.tensor([[3.0, 4.0]]), torch.tensor([0.0, 2.0])
     assert scalar_projection(a, v).tolist() == [4.0]
@@ -69,7 +69,7 @@ def test_projection_formula_and_records(tiny_lm):
 # -- logit lens -----------------------------------------------------------------------------------
 def test_logit_lens_puts_the_unembedding_row_on_top(tiny_lm):
     torch = pytest.importorskip("torch")
-    from harness.lens import logit_lens
+    from harness.analysis.lens import logit_lens
 
     W = tiny_lm.model.get_output_embeddings().weight.detach()[: len(tiny_lm.tokenizer)]
     # the row of largest norm: W_t . W_t = ||W_t||^2 >= W_j . W_t for every j (Cauchy-Schwarz)
@@ -86,7 +86,7 @@ def test_logit_lens_puts_the_unembedding_row_on_top(tiny_lm):
 def test_logit_lens_final_norm_uses_the_gain(tiny_lm):
     """With a gain that zeroes every channel but one, the normed lens ranks by that channel alone."""
     torch = pytest.importorskip("torch")
-    from harness.lens import find_final_norm, logit_lens
+    from harness.analysis.lens import find_final_norm, logit_lens
 
     norm = find_final_norm(tiny_lm.model)
     W = tiny_lm.model.get_output_embeddings().weight.detach()[: len(tiny_lm.tokenizer)]
@@ -106,7 +106,7 @@ def test_logit_lens_final_norm_uses_the_gain(tiny_lm):
 
 def test_logit_lens_shape_error(tiny_lm):
     torch = pytest.importorskip("torch")
-    from harness.lens import logit_lens
+    from harness.analysis.lens import logit_lens
 
     with pytest.raises(HarnessError, match=r"\(63,\).*\(64,\)"):
         logit_lens(tiny_lm, torch.zeros(63))
@@ -133,7 +133,7 @@ def _write_sae(path, W_dec, hook="blocks.4.hook_resid_post", layout="v6"):
 @pytest.mark.parametrize("layout", ["v6", "flat"])
 def test_sae_ranks_the_planted_latent_first(tmp_path, layout):
     torch = pytest.importorskip("torch")
-    from harness.sae import load_sae, read_vector
+    from harness.analysis.sae import load_sae, read_vector
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(256, 32, generator=g)
@@ -151,7 +151,7 @@ def test_sae_ranks_the_planted_latent_first(tmp_path, layout):
 
 def test_sae_layer_mapping_and_mismatch(tmp_path):
     torch = pytest.importorskip("torch")
-    from harness.sae import hook_for_layer, layer_for_hook, load_sae, read_vector
+    from harness.analysis.sae import hook_for_layer, layer_for_hook, load_sae, read_vector
 
     assert hook_for_layer(20) == "blocks.19.hook_resid_post"
     assert layer_for_hook("blocks.19.hook_resid_post") == 20
@@ -175,7 +175,7 @@ def test_sae_layer_mapping_and_mismatch(tmp_path):
 
 def test_sae_bad_files(tmp_path):
     torch = pytest.importorskip("torch")
-    from harness.sae import load_sae
+    from harness.analysis.sae import load_sae
 
     with pytest.raises(HarnessError, match="cfg.json"):
         load_sae(tmp_path)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import Settings
-from harness.errors import HarnessError
+from harness.core.config import Settings
+from harness.core.errors import HarnessError
 
 pytest.importorskip("instructor")
 
@@ -62,7 +62,7 @@ def qs(*xs: str) -> dict:
 
 def test_validation_errors_are_reasked_then_files_written_fake_server(tmp_path):
     from harness.authoring import new_trait
-    from harness_plugins.traits_json import load_trait_path
+    from harness.core.traits import load_trait_path
 
     script = Script(
         InstructionPairs=[{"pairs": [PAIR]}],
@@ -153,15 +153,12 @@ def test_bad_name_is_refused(tmp_path):
         new_trait("../escape", DESC, Settings(judge_base_url="http://127.0.0.1:9/v1"), directory=tmp_path)
 
 
-def test_new_trait_command_is_registered_through_the_hook(pm):
-    import argparse
+def test_new_trait_command_is_registered_on_the_cli(pm):
+    from harness.cli import author as trait_author
+    from harness.cli.main import BUILTIN_COMMANDS, build_parser
 
-    from harness_plugins import trait_author
-
-    assert pm.get_plugin("harness_plugins.trait_author") is trait_author
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    pm.hook.harness_register_commands(subparsers=sub)
+    assert "harness.cli.author" in BUILTIN_COMMANDS
+    parser = build_parser(pm)
     args = parser.parse_args(["new-trait", "x", "--description", "d", "--pairs", "2", "--questions", "6", "--force"])
     assert args.func is trait_author.cmd_new_trait and (args.pairs, args.questions, args.force) == (2, 6, True)
 
@@ -228,8 +225,8 @@ def test_trait_source_plugin_example_from_the_docs(tmp_path, monkeypatch):
     import re
     import sqlite3
 
-    from harness.errors import TraitFileError
-    from harness.plugins import get_plugin_manager
+    from harness.core.errors import TraitFileError
+    from harness.core.plugins import get_plugin_manager
 
     doc = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     [code] = [b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if b.startswith("# my_traits_plugin.py")]

@@ -12,7 +12,7 @@ import types
 
 import pytest
 
-from harness.batching import OutOfMemoryBatchError, is_oom, run_with_oom_halving
+from harness.core.batching import OutOfMemoryBatchError, is_oom, run_with_oom_halving
 
 
 def _oom():
@@ -88,7 +88,7 @@ def small_trait_dir(tmp_path):
 
 
 def _settings(tmp_path, trait_dir, name, **kw):
-    from harness.config import Settings
+    from harness.core.config import Settings
 
     base = dict(model="tiny", traits_dirs=(str(trait_dir),), out_dir=str(tmp_path / name),
                 cache_dir=str(tmp_path / f"cache-{name}"), trait_threshold=0.0, coherence_threshold=0.0,
@@ -104,9 +104,9 @@ def test_pipeline_halves_batches_on_injected_fake_oom_same_result(tmp_path, tiny
     import torch
 
     from harness.testing import StaticModelPlugin
-    from harness.hookspecs import hookimpl
-    from harness.pipeline import run_trait
-    from harness.plugins import get_plugin_manager
+    from harness.core.hookspecs import hookimpl
+    from harness.core.pipeline import run_trait
+    from harness.core.plugins import get_plugin_manager
     from harness_plugins.generate_hf import HFGenerator
     from harness_plugins.judge_local import LocalJudge
 
@@ -186,7 +186,7 @@ def test_real_cuda_oom_halving_extraction():
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from harness.modeling import LoadedModel
+    from harness.models.loading import LoadedModel
     from harness_plugins.extract_mean_diff import mean_activations
 
     cfg = AutoConfig.for_model("llama", vocab_size=1024, hidden_size=2048, intermediate_size=4096,
@@ -201,7 +201,7 @@ def test_real_cuda_oom_halving_extraction():
                                   response_token_ids=torch.randint(1, 1024, (512,), generator=g).tolist())
             for _ in range(2048)]
     halvings: list[tuple[int, int]] = []
-    import harness.batching as batching
+    import harness.core.batching as batching
 
     orig = batching.run_with_oom_halving
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from harness.artifacts import load_vectors, read_jsonl
-from harness.config import Settings
-from harness.pipeline import run_trait
+from harness.core.artifacts import load_vectors, read_jsonl
+from harness.core.config import Settings
+from harness.core.pipeline import run_trait
 
 
 def _settings(tmp_path, mini_trait_dir, **kw):
@@ -55,7 +55,7 @@ def test_rerun_hits_cache_and_recomputes_nothing(tmp_path, tiny_pm, mini_trait_d
         def generate(self, requests, ctx):  # pragma: no cover - must not run
             raise AssertionError(f"regenerated {len(requests)} requests")
 
-    from harness.hookspecs import hookimpl
+    from harness.core.hookspecs import hookimpl
 
     class Override:
         @hookimpl
@@ -78,7 +78,7 @@ def test_rerun_that_keeps_no_pairs_leaves_no_stale_vector(tmp_path, tiny_pm, min
     beside the new records (the earlier vector is kept as vectors.previous.safetensors), run.json failed."""
     import pytest
 
-    from harness.errors import NoEffectivePairsError
+    from harness.core.errors import NoEffectivePairsError
 
     run_trait("mini", _settings(tmp_path, mini_trait_dir), pm=tiny_pm)
     d = tmp_path / "run"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from harness import hookimpl
-from harness.errors import UnknownComponentError
-from harness.plugins import DEFAULT_PLUGINS, build_registry, get_plugin_manager, plugin_info
-from harness.records import Judgment
+from harness.core.errors import UnknownComponentError
+from harness.core.plugins import DEFAULT_PLUGINS, build_registry, get_plugin_manager, plugin_info
+from harness.core.records import Judgment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,14 +55,14 @@ class ThirdPartyTraits:
     @hookimpl
     def harness_load_trait(self, name, settings):
         if name in ("sycophantic", "from-plugin"):
-            from harness.records import InstructionPair, TraitSpec
+            from harness.core.records import InstructionPair, TraitSpec
 
             return TraitSpec(name=name, instructions=(InstructionPair("p", "n"),), questions=("q?",),
                              eval_questions=(), eval_prompt="{question} {answer}", source="plugin")
 
 
 def test_hook_harness_list_traits(pm):
-    from harness.config import Settings
+    from harness.core.config import Settings
 
     names = [n for ns in pm.hook.harness_list_traits(settings=Settings()) for n in ns]
     assert {"sycophantic", "evil", "hallucinating"} <= set(names)
@@ -72,7 +72,7 @@ def test_hook_harness_list_traits(pm):
 
 
 def test_hook_harness_load_trait(pm):
-    from harness.config import Settings
+    from harness.core.config import Settings
 
     builtin = pm.hook.harness_load_trait(name="sycophantic", settings=Settings())
     assert builtin.source.endswith("extract.json")
@@ -83,7 +83,7 @@ def test_hook_harness_load_trait(pm):
 
 
 def test_third_party_wins_even_when_registered_first():
-    from harness.config import Settings
+    from harness.core.config import Settings
 
     pm = get_plugin_manager(entrypoints=False, builtins=False)
     pm.register(ThirdPartyTraits(), name="third")
@@ -155,7 +155,7 @@ def test_hook_harness_register_extractors(pm):
 
 
 def test_hook_harness_load_model(pm, tiny_lm):
-    from harness.config import Settings
+    from harness.core.config import Settings
 
     class Loader:
         @hookimpl
@@ -167,7 +167,7 @@ def test_hook_harness_load_model(pm, tiny_lm):
 
 
 def test_hook_harness_register_commands():
-    from harness.cli import build_parser
+    from harness.cli.main import build_parser
 
     pm = get_plugin_manager(entrypoints=False)
 
@@ -205,8 +205,8 @@ def observed_run(tmp_path_factory, tiny_lm):
 
     from harness.testing import StaticModelPlugin
 
-    from harness.config import Settings
-    from harness.pipeline import run_trait
+    from harness.core.config import Settings
+    from harness.core.pipeline import run_trait
 
     tmp_path = tmp_path_factory.mktemp("observed")
     d = tmp_path / "traits" / "mini"
@@ -250,7 +250,7 @@ def test_explicit_plugin_module_is_loaded(tmp_path, monkeypatch):
         "@hookimpl\n"
         "def harness_list_traits(settings):\n    return ['explicit-trait']\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    from harness.config import Settings
+    from harness.core.config import Settings
 
     pm = get_plugin_manager(entrypoints=False, modules=["my_harness_plugin"])
     names = [n for ns in pm.hook.harness_list_traits(settings=Settings()) for n in ns]
@@ -258,7 +258,7 @@ def test_explicit_plugin_module_is_loaded(tmp_path, monkeypatch):
 
 
 def test_unimportable_plugin_module_is_a_clear_error():
-    from harness.errors import HarnessError
+    from harness.core.errors import HarnessError
 
     with pytest.raises(HarnessError, match="cannot import"):
         get_plugin_manager(entrypoints=False, modules=["no_such_module_xyz"])

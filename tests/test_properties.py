@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from harness.errors import TraitFileError
+from harness.core.errors import TraitFileError
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -30,7 +30,7 @@ def rubrics(draw):
 
 
 def _norm(q):
-    from harness_plugins.traits_json import _norm
+    from harness.core.traits import normalize_question as _norm
 
     return _norm(q)
 
@@ -45,8 +45,8 @@ def trait_data(draw):
 @FAST
 @given(data=trait_data())
 def test_valid_trait_data_round_trips(data, tmp_path_factory):
-    from harness.rubrics import fill
-    from harness_plugins.traits_json import load_trait_files
+    from harness.core.rubrics import fill
+    from harness.core.traits import load_trait_files
 
     p = tmp_path_factory.mktemp("t") / "extract.json"
     p.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
@@ -68,7 +68,7 @@ json_values = st.recursive(
 @given(st.one_of(json_values, st.fixed_dictionaries({"instruction": json_values, "questions": json_values,
                                                       "eval_prompt": json_values})))
 def test_any_json_is_accepted_or_gives_a_trait_file_error(data):
-    from harness_plugins.traits_json import validate_trait_data
+    from harness.core.traits import validate_trait_data
 
     try:
         validate_trait_data(data, "x.json")
@@ -81,7 +81,7 @@ def test_any_json_is_accepted_or_gives_a_trait_file_error(data):
 @given(trait_data(), st.sampled_from(["instruction", "questions", "eval_prompt"]),
        st.sampled_from([None, 0, 1.5, True, "", [], {}, [None], [""], "{answer}"]))
 def test_one_broken_field_is_named(data, key, value):
-    from harness_plugins.traits_json import validate_trait_data
+    from harness.core.traits import validate_trait_data
 
     data = {**data, key: value}
     with pytest.raises(TraitFileError) as ei:
@@ -92,7 +92,7 @@ def test_one_broken_field_is_named(data, key, value):
 @FAST
 @given(raw=st.binary(max_size=300))
 def test_any_bytes_give_a_trait_file_error_or_a_valid_trait(raw, tmp_path_factory):
-    from harness_plugins.traits_json import read_trait_file
+    from harness.core.traits import read_trait_file
 
     p = tmp_path_factory.mktemp("b") / "extract.json"
     p.write_bytes(raw)
@@ -107,7 +107,7 @@ def test_any_bytes_give_a_trait_file_error_or_a_valid_trait(raw, tmp_path_factor
 def test_rubric_validation_never_crashes_and_accepts_only_question_and_answer(rubric):
     import string
 
-    from harness_plugins.traits_json import validate_rubric
+    from harness.core.traits import validate_rubric
 
     try:
         validate_rubric(rubric, "x.json")
@@ -207,7 +207,7 @@ def test_top_logprobs_score_in_range_or_unscored(top, mm):
 def test_verdict_accepts_only_integer_scores_0_100(payload):
     from pydantic import ValidationError
 
-    from harness.judging import classify
+    from harness.judging.transport import classify
 
     V = openai_judge.verdict_model()
     try:
@@ -221,7 +221,7 @@ def test_verdict_accepts_only_integer_scores_0_100(payload):
 @FAST
 @given(st.one_of(st.text(max_size=40), st.floats(allow_nan=True).map(str), st.integers(-10, 10**6).map(str)))
 def test_retry_after_is_none_or_nonnegative(value):
-    from harness.judging import parse_retry_after
+    from harness.judging.transport import parse_retry_after
 
     r = parse_retry_after(value, now=0.0)
     assert r is None or (r >= 0.0 and not math.isnan(r))
@@ -232,7 +232,7 @@ def test_retry_after_is_none_or_nonnegative(value):
 @given(records=st.lists(st.dictionaries(st.text(max_size=5), st.one_of(st.integers(), st.text(max_size=8))),
                         min_size=1, max_size=6), data=st.data())
 def test_truncated_jsonl_reads_as_a_prefix(records, data, tmp_path_factory):
-    from harness.artifacts import read_jsonl, write_jsonl
+    from harness.core.artifacts import read_jsonl, write_jsonl
 
     p = tmp_path_factory.mktemp("j") / "x.jsonl"
     write_jsonl(p, records)

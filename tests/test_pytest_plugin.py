@@ -21,8 +21,8 @@ import torch  # noqa: F401  pytester's in-process runs unload modules first impo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import checks
-from harness.errors import HarnessError
+from harness.analysis import checks
+from harness.core.errors import HarnessError
 
 pytest_plugins = ["pytester"]
 
@@ -102,7 +102,7 @@ def test_cosine_and_shape_mismatch():
 
 
 def test_score_gap_and_pair_rate_from_records():
-    from harness.records import Generation, Judgment, Selection
+    from harness.core.records import Generation, Judgment, Selection
 
     def gen(i, pol, split="extract"):
         return Generation(id=f"g{i}{pol}{split}", trait="t", split=split, polarity=pol, question_index=i, question="q",
@@ -191,8 +191,8 @@ def test_readme_thresholds_example_is_the_shipped_sycophantic_file():
 
 
 def test_plugin_import_is_light():
-    code = ("import sys, harness.pytest_plugin, harness.checks, harness.plugins;"
-            "harness.plugins.get_plugin_manager(entrypoints=False);"
+    code = ("import sys, harness.acceptance.plugin, harness.analysis.checks, harness.core.plugins;"
+            "harness.core.plugins.get_plugin_manager(entrypoints=False);"
             "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -222,8 +222,8 @@ def _vec(peak_layer, axis=0):
 
 @pytest.fixture(scope="session")
 def trait_run(trait_spec):
-    from harness.records import Generation, Judgment, Selection, VectorSet
-    from harness.pipeline import RunResult
+    from harness.core.records import Generation, Judgment, Selection, VectorSet
+    from harness.core.pipeline import RunResult
     gens, js = [], []
     for i in range(10):
         for pol in ("pos", "neg"):
@@ -254,7 +254,7 @@ if not SCEN.get("real_reference"):  # else the plugin's fixture reads traits/<na
     def reference_vector(trait_spec):
         if SCEN.get("ref_axis") is None:
             return None
-        from harness.records import VectorSet
+        from harness.core.records import VectorSet
         return VectorSet(trait_spec.name, "m", {"response_avg_diff": _vec(SCEN["peak"], SCEN["ref_axis"])}, 5, 5)
 '''
 
@@ -447,8 +447,8 @@ def test_update_reference_writes_the_file_that_later_runs_compare_with(project, 
 
 
 def test_reference_command_is_registered_on_the_cli():
-    from harness.cli import build_parser
-    from harness.plugins import get_plugin_manager
+    from harness.cli.main import build_parser
+    from harness.core.plugins import get_plugin_manager
 
     parser = build_parser(get_plugin_manager(entrypoints=False))
     args = parser.parse_args(["reference", "--trait", "sycophantic", "--model", "smollm2"])
@@ -459,7 +459,7 @@ class _TinyModelPlugin:
     def __init__(self, lm):
         self.lm = lm
 
-    from harness.hookspecs import hookimpl as _hookimpl
+    from harness.core.hookspecs import hookimpl as _hookimpl
 
     @_hookimpl
     def harness_load_model(self, model_id, settings):
@@ -478,13 +478,13 @@ class FakeJudge:
         return {}
 
     def judge(self, items, ctx):
-        from harness.records import Judgment
+        from harness.core.records import Judgment
 
         self.calls.extend(it.generation_id for it in items)
         return [Judgment(it.generation_id, it.metric, 90.0 if "_pos_" in it.generation_id or it.metric == "coherence"
                          else 10.0, judge="fake") for it in items]
 
-    from harness.hookspecs import hookimpl as _hookimpl
+    from harness.core.hookspecs import hookimpl as _hookimpl
 
     @_hookimpl
     def harness_register_judges(self, register):

@@ -96,7 +96,7 @@ def test_plugin_not_found_names_the_current_directory(tmp_path):
 
 
 def test_current_directory_is_not_left_on_sys_path(plugin_dir, monkeypatch):
-    from harness.cli import import_plugin_modules
+    from harness.cli.main import import_plugin_modules
 
     monkeypatch.chdir(plugin_dir)
     before = list(sys.path)
@@ -112,7 +112,7 @@ def test_current_directory_is_not_left_on_sys_path(plugin_dir, monkeypatch):
 
 def test_installed_module_wins_over_a_file_in_the_current_directory(tmp_path, monkeypatch):
     """The current directory is only a fallback: a stray json.py there does not shadow the real one."""
-    from harness.cli import import_plugin_modules
+    from harness.cli.main import import_plugin_modules
 
     (tmp_path / "json.py").write_text("raise RuntimeError('shadowed')\n")
     monkeypatch.chdir(tmp_path)

@@ -17,7 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from harness.config import Settings  # noqa: E402
+from harness.core.config import Settings  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -27,8 +27,8 @@ def tiny_run(tmp_path_factory, tiny_lm):
     """A complete run directory of the mini trait on the tiny model, with monitor, sweep, lens and SAE."""
     from harness.testing import StaticModelPlugin  # type: ignore[import-not-found]
 
-    from harness.pipeline import run_trait
-    from harness.plugins import get_plugin_manager
+    from harness.core.pipeline import run_trait
+    from harness.core.plugins import get_plugin_manager
 
     tmp = tmp_path_factory.mktemp("report")
     d = tmp / "traits" / "mini"
@@ -48,7 +48,7 @@ def tiny_run(tmp_path_factory, tiny_lm):
 
 
 def test_sweep_writes_table_with_every_cell(tiny_run, tiny_lm):
-    from harness.sweep import run_sweep
+    from harness.analysis.sweep import run_sweep
 
     run_dir, s, pm = tiny_run
     res = run_sweep(run_dir, s, pm=pm, layers=[1, 2, 3], coefs=[-40, -20, 0, 20, 40], n_questions=1,
@@ -69,8 +69,8 @@ def test_sweep_writes_table_with_every_cell(tiny_run, tiny_lm):
 
 
 def test_sweep_rerun_uses_the_cache(tiny_run):
-    from harness.hookspecs import hookimpl
-    from harness.sweep import run_sweep
+    from harness.core.hookspecs import hookimpl
+    from harness.analysis.sweep import run_sweep
 
     run_dir, s, pm = tiny_run
     run_sweep(run_dir, s, pm=pm, layers=[2], coefs=[0, 3], n_questions=1, max_new_tokens=3, write=False)
@@ -101,13 +101,13 @@ def test_sweep_rerun_uses_the_cache(tiny_run):
 def test_report_has_every_plot_and_is_self_contained(tiny_run, tiny_lm, tmp_path):
     from safetensors.torch import save_file
 
-    from harness.artifacts import atomic_write_json, load_vectors
-    from harness.report import SAE_FILE, build_report
-    from harness.sae import load_sae, read_vector
+    from harness.core.artifacts import atomic_write_json, load_vectors
+    from harness.analysis.report import SAE_FILE, build_report
+    from harness.analysis.sae import load_sae, read_vector
 
     run_dir, s, pm = tiny_run
     if not (run_dir / "sweep.json").exists():
-        from harness.sweep import run_sweep
+        from harness.analysis.sweep import run_sweep
 
         run_sweep(run_dir, s, pm=pm, layers=[1, 2], coefs=[0, 2], n_questions=1, max_new_tokens=3)
     # an SAE reading (planted latent) so the optional SAE section shows too
@@ -141,7 +141,7 @@ def test_report_has_every_plot_and_is_self_contained(tiny_run, tiny_lm, tmp_path
 
 
 def test_report_without_model_says_what_is_missing(tiny_run, tmp_path):
-    from harness.report import build_report
+    from harness.analysis.report import build_report
 
     run_dir, s, pm = tiny_run
     bare = tmp_path / "bare"
@@ -154,8 +154,8 @@ def test_report_without_model_says_what_is_missing(tiny_run, tmp_path):
 
 
 def test_cli_commands_registered_and_report_command(tiny_run, tmp_path, monkeypatch, capsys):
-    from harness.cli import build_parser, main
-    from harness.plugins import get_plugin_manager
+    from harness.cli.main import build_parser, main
+    from harness.core.plugins import get_plugin_manager
 
     parser = build_parser(get_plugin_manager(entrypoints=False))
     sub = next(a for a in parser._actions if a.dest == "command")
@@ -174,7 +174,7 @@ def test_report_renders_in_headless_chromium(tiny_run, tiny_lm, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if chromium is None:
         pytest.skip("chromium not installed (apt-get install -y chromium); scripts/render_report.sh does the same")
-    from harness.report import write_report
+    from harness.analysis.report import write_report
 
     run_dir, s, pm = tiny_run
     page = write_report(run_dir, tmp_path / "report.html", lm=tiny_lm)
@@ -190,11 +190,11 @@ def test_report_renders_in_headless_chromium(tiny_run, tiny_lm, tmp_path):
 
 def test_cli_steer_and_monitor_input(tiny_run, tmp_path, monkeypatch, capsys):
     """The steer and monitor --input commands end to end (model served by the test's plugin manager)."""
-    import harness.plugins
+    import harness.core.plugins
     from harness.cli import main
 
     run_dir, s, pm = tiny_run
-    monkeypatch.setattr(harness.plugins, "get_plugin_manager", lambda *a, **k: pm)
+    monkeypatch.setattr(harness.core.plugins, "get_plugin_manager", lambda *a, **k: pm)
     capsys.readouterr()
     assert main(["steer", str(run_dir), "--layer", "2", "--coef", "30", "--prompt", "Hello there", "--max-new-tokens",
                  "3", "--temperature", "0", "--json", "--cache-dir", str(tmp_path / "c")]) == 0

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from fault_proxy import FaultProxy
-from harness.config import Settings, load_settings
-from harness.errors import ConfigError
+from harness.core.config import Settings, load_settings
+from harness.core.errors import ConfigError
 
 HERE = Path(__file__).parent
 SECRET = "sk-fake-PH-7f3a9c1e55d04b2b-DO-NOT-LEAK"
@@ -90,7 +90,7 @@ def test_api_key_is_in_no_file_and_no_log_real_server(llama_server, tmp_path):
 
 def test_api_key_is_not_a_setting(tmp_path):
     """No flag, config key or PERSONA_HARNESS_* variable can carry a key into settings or run.json."""
-    from harness.cli import build_parser
+    from harness.cli.main import build_parser
 
     assert not [f for f in Settings.__dataclass_fields__ if "key" in f and f != "judge_api_key_env"]
     with pytest.raises(SystemExit):  # no such flag, and no abbreviation of --judge-api-key-env either
@@ -110,7 +110,7 @@ def test_api_key_is_not_a_setting(tmp_path):
 
 
 def test_judge_reads_the_key_at_call_time_and_keeps_it_out_of_config(monkeypatch):
-    from harness.judging import api_key
+    from harness.judging.transport import api_key
     from harness_plugins.judge_openai import InstructorJudge, LogprobJudge
 
     s = Settings(judge_base_url="https://judge.example.com/v1", judge_api_key_env=KEY_VAR, judge_model="m")
@@ -120,7 +120,7 @@ def test_judge_reads_the_key_at_call_time_and_keeps_it_out_of_config(monkeypatch
         j = cls(s)
         assert SECRET not in json.dumps(j.config()) and SECRET not in repr(vars(j))
     monkeypatch.delenv(KEY_VAR)
-    from harness.errors import HarnessError
+    from harness.core.errors import HarnessError
 
     with pytest.raises(HarnessError) as ei:
         api_key(s)
@@ -129,11 +129,11 @@ def test_judge_reads_the_key_at_call_time_and_keeps_it_out_of_config(monkeypatch
 
 def test_third_party_code_only_from_entry_points_or_named_modules(tmp_path, monkeypatch):
     """A plugin-looking module on sys.path is not imported unless named (--plugin / PERSONA_HARNESS_PLUGINS)."""
-    from harness.plugins import DEFAULT_PLUGINS, get_plugin_manager
+    from harness.core.plugins import DEFAULT_PLUGINS, get_plugin_manager
 
     marker = tmp_path / "imported"
     (tmp_path / "persona_harness_sneaky.py").write_text(
-        f"open({str(marker)!r}, 'w').write('x')\nfrom harness.hookspecs import hookimpl\n")
+        f"open({str(marker)!r}, 'w').write('x')\nfrom harness.core.hookspecs import hookimpl\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv("PERSONA_HARNESS_PLUGINS", raising=False)
     pm = get_plugin_manager(entrypoints=False)

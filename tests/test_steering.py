@@ -6,13 +6,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from harness.errors import HarnessError  # noqa: E402
-from harness.steering import find_decoder_layers, mean_activation_norms, steer  # noqa: E402
+from harness.core.errors import HarnessError  # noqa: E402
+from harness.analysis.steering import find_decoder_layers, mean_activation_norms, steer  # noqa: E402
 
 
 def _batch(lm, prompts):
     """Left-padded batch of chat prompts of different lengths."""
-    from harness.modeling import prompt_ids
+    from harness.models.loading import prompt_ids
 
     ids = [prompt_ids(lm.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     P = max(len(x) for x in ids)

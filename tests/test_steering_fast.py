@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from harness.errors import HarnessError  # noqa: E402
+from harness.core.errors import HarnessError  # noqa: E402
 
 # very different prompt lengths, longest first: the engine's length sort reorders them
 QUESTIONS = ["Please tell me a long and detailed story about a dragon, a knight and a small village by the sea.",
@@ -17,8 +17,8 @@ CELLS = [(None, 0.0), (2, 40.0), (2, -40.0), (1, 40.0)]
 
 
 def _ctx(tiny_pm, tmp_path, generator: str):
-    from harness.config import Settings
-    from harness.pipeline import RunContext
+    from harness.core.config import Settings
+    from harness.core.pipeline import RunContext
 
     s = Settings(model="tiny", generator=generator, temperature=0.0, max_new_tokens=6, progress=False,
                  cache_dir=str(tmp_path / "cache"))
@@ -26,7 +26,7 @@ def _ctx(tiny_pm, tmp_path, generator: str):
 
 
 def _requests(s, questions=QUESTIONS):
-    from harness.records import GenerationRequest
+    from harness.core.records import GenerationRequest
 
     return [GenerationRequest(id=f"q{i}", trait="t", split="sweep", polarity="steer", question_index=i, question=q,
                               instruction_index=0, sample_index=0, system_prompt="", temperature=s.temperature,
@@ -44,8 +44,8 @@ def _tokens(by_cell):
 
 
 def _generate(ctx, name, cells, vectors, **kw):
-    from harness.plugins import build_registry
-    from harness.sweep import steered_generate
+    from harness.core.plugins import build_registry
+    from harness.analysis.sweep import steered_generate
 
     gen = build_registry(ctx.pm, "generator").create(name, ctx.settings)
     return _tokens(steered_generate(ctx, gen, _requests(ctx.settings), cells, vectors, **kw))
@@ -88,7 +88,7 @@ def test_generator_that_reorders_rows_is_steered_one_cell_at_a_time(tiny_pm, tin
     gets one cell (scalar coefficients), so the rows still equal the hf generator's."""
     from harness_plugins.generate_hf import HFGenerator
 
-    from harness.sweep import steered_generate
+    from harness.analysis.sweep import steered_generate
 
     class Reversing(HFGenerator):
         name = "reversing"
@@ -108,7 +108,7 @@ def test_generator_that_reorders_rows_is_steered_one_cell_at_a_time(tiny_pm, tin
 def test_hook_refuses_per_row_coefficients_without_the_row_order(tiny_lm):
     """Under a loop that calls the blocks itself (the engine) and does not say which request each row is,
     per-row coefficients are refused; scalar coefficients are fine."""
-    from harness.steering import direct_call, steer
+    from harness.analysis.steering import direct_call, steer
 
     ids = torch.ones((2, 4), dtype=torch.long)
     v = torch.ones(tiny_lm.hidden_size)
@@ -130,8 +130,8 @@ PROMPTS = ["Tell me a long story about a dragon and a knight please", "Hi"]
 def test_each_position_mode_touches_exactly_the_intended_positions_fast(tiny_lm, positions):
     """tests/test_steering.py's position test, on the fast engine (which calls the blocks directly)."""
     from harness.engine import Engine
-    from harness.modeling import prompt_ids
-    from harness.steering import find_decoder_layers, steer
+    from harness.models.loading import prompt_ids
+    from harness.analysis.steering import find_decoder_layers, steer
 
     torch.manual_seed(1)
     v = torch.randn(tiny_lm.hidden_size)

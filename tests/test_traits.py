@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import TraitFileError
-from harness.modeling import article, system_prompt
-from harness_plugins.traits_json import load_trait_path, read_trait_file
+from harness.core.errors import TraitFileError
+from harness.models.loading import article, system_prompt
+from harness.core.traits import load_trait_path, read_trait_file
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAITS = ["sycophantic", "evil", "hallucinating"]
@@ -33,8 +33,8 @@ def test_persona_vectors_layout_is_read_unchanged(tmp_path):
     (tmp_path / "trait_data_eval" / "evil.json").write_text((src / "eval.json").read_text())
     spec = load_trait_path(tmp_path / "trait_data_extract" / "evil.json")
     assert spec.name == "evil" and len(spec.eval_questions) == 20
-    from harness.config import Settings
-    from harness.plugins import get_plugin_manager
+    from harness.core.config import Settings
+    from harness.core.plugins import get_plugin_manager
 
     pm = get_plugin_manager(entrypoints=False)
     s = Settings(traits_dirs=(str(tmp_path),))
@@ -126,7 +126,7 @@ def test_wheel_ships_the_traits_and_an_installed_copy_finds_them(tmp_path):
     zipfile.ZipFile(whl).extractall(site)
     work = tmp_path / "elsewhere"
     work.mkdir()
-    code = ("import harness_plugins.traits_json as t, harness.config as c;"
+    code = ("import harness_plugins.traits_json as t, harness.core.config as c;"
             "assert str(t.__file__).startswith(%r), t.__file__;"
             "s = c.Settings(); print(sorted(t._find(s)))" % str(site))
     out = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=120,
@@ -152,7 +152,7 @@ def test_cli_run_refuses_a_trait_file_its_trait_list_would_ignore(tmp_path, caps
 
 
 def test_run_summary_lists_every_output_file(tmp_path, capsys):
-    from harness.cli import print_summary
+    from harness.cli.main import print_summary
 
     files = {n: str(tmp_path / n) for n in ("run.json", "generations.jsonl", "vectors.safetensors")}
     print_summary({"trait": "t", "model": "m", "generations": 2, "files": files}, tmp_path)

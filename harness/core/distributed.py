@@ -19,7 +19,7 @@ import atexit
 import os
 from typing import Any, Sequence, TypeVar
 
-from .errors import HarnessError
+from harness.core.errors import HarnessError
 
 T = TypeVar("T")
 

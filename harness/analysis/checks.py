@@ -1,9 +1,9 @@
 """Acceptance-check metrics: pure functions over records, vectors and activations.
 
-Each function computes one check's metric; the pytest plugin (``harness.pytest_plugin``) and the
+Each function computes one check's metric; the pytest plugin (``harness.acceptance.plugin``) and the
 tests in ``harness.acceptance`` (imported by ``traits/test_acceptance.py``) compare them with
 per-trait, per-model thresholds from ``traits/<name>/checks.json``. Nothing here runs a model.
-torch is only imported inside the functions that take tensors, so ``import harness.checks`` stays
+torch is only imported inside the functions that take tensors, so ``import harness.analysis.checks`` stays
 light.
 
 Layer convention (hidden_states): index 0 is the embedding output, index l in 1..L the output of
@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .errors import HarnessError
+from harness.core.errors import HarnessError
 
 #: Threshold keys a checks.json block may hold, with their meaning.
 THRESHOLD_KEYS: dict[str, str] = {
@@ -240,7 +240,7 @@ def per_layer_cosine(new: Any, ref: Any) -> list[float]:
 
 def reference_path(trait_dir: str | Path, model: str) -> Path:
     """``traits/<name>/reference/<model-slug>.safetensors``."""
-    from .pipeline import slug
+    from harness.core.pipeline import slug
 
     return Path(trait_dir) / "reference" / f"{slug(model)}.safetensors"
 
@@ -253,9 +253,9 @@ def save_reference(path: str | Path, vectors: Any, settings: Any, spec: Any, sel
     """Write ``vectors``' paper method as the reference, with what produced it in the metadata."""
     import datetime as _dt
 
-    from . import __version__
-    from .artifacts import save_vectors
-    from .records import VectorSet
+    from harness import __version__
+    from harness.core.artifacts import save_vectors
+    from harness.core.records import VectorSet
 
     s = settings
     meta = {
@@ -274,7 +274,7 @@ def save_reference(path: str | Path, vectors: Any, settings: Any, spec: Any, sel
 
 def load_reference(path: str | Path) -> Any:
     """The reference ``VectorSet`` (one tensor, ``response_avg_diff``)."""
-    from .artifacts import load_vectors
+    from harness.core.artifacts import load_vectors
 
     vs = load_vectors(path)
     if REFERENCE_METHOD not in vs.tensors:

@@ -14,7 +14,7 @@ import sys
 import warnings
 from typing import Callable, Sequence, TypeVar
 
-from .errors import HarnessError
+from harness.core.errors import HarnessError
 
 T = TypeVar("T")
 R = TypeVar("R")

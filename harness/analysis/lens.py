@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import HarnessError
+from harness.core.errors import HarnessError
 
 _NORM_PATHS = ("model.norm", "model.final_layernorm", "model.decoder.final_layer_norm", "transformer.ln_f",
                "gpt_neox.final_layer_norm", "model.language_model.norm", "norm", "ln_f")
 
 
 def find_final_norm(model: Any) -> Any:
-    from .steering import _get_path
+    from harness.analysis.steering import _get_path
 
     for p in _NORM_PATHS:
         m = _get_path(model, p)

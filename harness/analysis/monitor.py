@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import HarnessError
+from harness.core.errors import HarnessError
 
 MONITOR_FILE = "monitor.json"
 PROJECTIONS_FILE = "projections.jsonl"
@@ -99,7 +99,7 @@ def _r(x: float) -> float | None:
 def record_example(lm: Any, rec: dict, where: str = "record") -> tuple[list[int], list[int]]:
     """(prompt ids, response ids) of a generation record, a ``{"messages": [...]}`` conversation
     whose last message is the assistant's answer, or ``{"prompt"/"question", "answer"/"response"}``."""
-    from .modeling import prompt_ids
+    from harness.models.loading import prompt_ids
 
     tok = lm.tokenizer
     if rec.get("prompt_token_ids") is not None and rec.get("response_token_ids") is not None:
@@ -125,7 +125,7 @@ def project_examples(lm: Any, examples: Sequence[tuple[Sequence[int], Sequence[i
     """Scalar projections ``[n_examples][num_layers + 1]`` of each example's mean activation."""
     import torch
 
-    from .activations import example_means
+    from harness.models.activations import example_means
 
     v = torch.as_tensor(vectors).float()
     if v.dim() != 2 or v.shape[0] != lm.num_layers + 1 or v.shape[1] != lm.hidden_size:
@@ -144,8 +144,8 @@ def monitor_run(run_dir: str | Path, lm: Any, *, split: str = "eval", method: st
     Writes ``monitor.json`` (per-layer AUROC, Cohen's d, means, correlation with trait scores) and
     ``projections.jsonl`` (one line per generation) into the run directory.
     """
-    from .artifacts import atomic_write_json, load_vectors, read_jsonl, write_jsonl
-    from .records import LAYER_CONVENTION
+    from harness.core.artifacts import atomic_write_json, load_vectors, read_jsonl, write_jsonl
+    from harness.core.records import LAYER_CONVENTION
 
     run_dir = Path(run_dir)
     vs = load_vectors(run_dir / "vectors.safetensors", expect_shape=(lm.num_layers + 1, lm.hidden_size))
@@ -188,7 +188,7 @@ def monitor_run(run_dir: str | Path, lm: Any, *, split: str = "eval", method: st
 
 def load_records(path: str | Path) -> list[dict]:
     """Records from a .jsonl file (generations, conversations) or a .json list."""
-    from .artifacts import read_jsonl
+    from harness.core.artifacts import read_jsonl
 
     path = Path(path)
     if not path.exists():

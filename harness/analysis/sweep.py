@@ -10,7 +10,7 @@ Efficiency: with the built-in generators every cell's rows go through the genera
 batches (one row = one question x sample x cell), with a per-row coefficient per layer given in
 request order: ``hf`` keeps that order in its batch, and the ``fast`` engine, which sorts prompts by
 length and splits batches by free memory, tells the steering hooks which request each of its rows is
-(``harness.steering.direct_call``). Any other generator (which may reorder rows without saying so)
+(``harness.analysis.steering.direct_call``). Any other generator (which may reorder rows without saying so)
 gets one generate call per cell, with scalar coefficients; a generator can declare
 ``steer_per_row = True`` to be batched. A row's tokens do not depend on its batch (seeded per request
 id), and each question uses the same request id in every cell, so all cells see the same sampling
@@ -32,14 +32,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import HarnessError
+from harness.core.errors import HarnessError
 
 SWEEP_FILE = "sweep.json"
 
 
 def settings_for_run(run_dir: str | Path, flags: dict | None = None):
     """The run's settings (``run.json`` config) with ``flags`` (field -> value) on top."""
-    from .config import FIELDS, Settings, _coerce
+    from harness.core.config import FIELDS, Settings, _coerce
 
     rj = Path(run_dir) / "run.json"
     cfg: dict = {}
@@ -69,7 +69,7 @@ def load_run_trait(run_dir: str | Path, settings, pm):
     name, source, want = info.get("name"), info.get("source") or "", info.get("hash")
     spec = pm.hook.harness_load_trait(name=name, settings=settings) if name else None
     if (spec is None or (want and spec.hash != want)) and source and Path(source).exists():
-        from harness_plugins.traits_json import load_trait_path
+        from harness.core.traits import load_trait_path
 
         spec = load_trait_path(Path(source).parent if Path(source).is_file() else source)
     if spec is None:
@@ -99,9 +99,9 @@ def steered_generate(ctx, generator, requests: Sequence, cells: Sequence[tuple[i
     """
     import torch
 
-    from .cache import cache_key
-    from .records import Generation
-    from .steering import steer
+    from harness.core.cache import cache_key
+    from harness.core.records import Generation
+    from harness.analysis.steering import steer
 
     if not getattr(generator, "needs_model", True):
         raise HarnessError(f"generator {generator.name!r} does not run the in-process model, so hooks cannot steer "
@@ -174,12 +174,12 @@ def run_sweep(run_dir: str | Path, settings=None, *, pm=None, layers: Sequence[i
               n_questions: int | None = 5, samples: int = 1, max_new_tokens: int | None = None,
               system_prompt: str = "", ctx=None, write: bool = True) -> dict:
     """Run the layers x coefs sweep for a run directory; returns (and writes) the sweep table."""
-    from .artifacts import atomic_write_json, atomic_write_text, load_vectors, write_jsonl
-    from .cache import Cache
-    from .pipeline import RunContext, run_judge
-    from .plugins import build_registry, get_plugin_manager
-    from .records import GenerationRequest
-    from .steering import SCALES, norms_for_run
+    from harness.core.artifacts import atomic_write_json, atomic_write_text, load_vectors, write_jsonl
+    from harness.core.cache import Cache
+    from harness.core.pipeline import RunContext, run_judge
+    from harness.core.plugins import build_registry, get_plugin_manager
+    from harness.core.records import GenerationRequest
+    from harness.analysis.steering import SCALES, norms_for_run
 
     run_dir = Path(run_dir)
     if scale not in SCALES:

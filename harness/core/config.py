@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .errors import ConfigError
+from harness.core.errors import ConfigError
 
 ENV_PREFIX = "PERSONA_HARNESS_"
 DEFAULT_MODEL = "smollm2"
@@ -34,54 +34,67 @@ class ConfigWarning(UserWarning):
     """A setting from a config file found automatically in the working directory that deserves a look."""
 
 
+def setting(default: Any, help: str, *, flag: str | None = None, kind: str = "", factory: Any = None) -> Any:
+    """A ``Settings`` field with its help text: the one place the CLI, config files and the
+    environment learn about it. ``flag``: the command-line spelling (default ``--field-name``;
+    ``""`` for no flag); ``kind``: ``append`` (repeatable flag) or ``comma`` (comma list) for tuples."""
+    meta = {"help": help, "flag": flag, "kind": kind}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class Settings:
     # what to run
-    model: str = DEFAULT_MODEL
-    generator: str = "hf"
-    judge: str = "local"
-    filter: str = "effective-pairs"
-    extractor: str = "mean-diff"
-    profile: str = "auto"  # "auto": the model's documented profile if it has one; "paper"; or a name
+    model: str = setting(DEFAULT_MODEL, "HF model id or local path; 'smollm2' (default) is the embedded model")
+    generator: str = setting("hf", "generator plugin name (default hf)")
+    judge: str = setting("local", "judge plugin name (default local)")
+    filter: str = setting("effective-pairs", "filter plugin name (default effective-pairs)")
+    extractor: str = setting("mean-diff", "extractor plugin name (default mean-diff)")
+    profile: str = setting("auto", "settings profile: auto (per model), paper, embedded")
     # generation
-    n_per_question: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 48
-    seed: int = 0
-    batch_size: int = 0  # 0: choose automatically
-    pos_name: str = ""  # "" -> the trait name
-    neg_name: str = "helpful"
-    splits: tuple[str, ...] = ("extract",)
+    n_per_question: int = setting(1, "samples per question and instruction")
+    temperature: float = setting(1.0, "sampling temperature (0 = greedy)")
+    top_p: float = setting(1.0, "nucleus sampling (1 = off)")
+    max_new_tokens: int = setting(48, "response length limit")
+    seed: int = setting(0, "sampling seed")
+    batch_size: int = setting(0, "generation batch size (0 = automatic)")
+    pos_name: str = setting("", "assistant name in pos prompts (default: the trait)")
+    neg_name: str = setting("helpful", "assistant name in neg prompts (default: helpful)")
+    splits: tuple[str, ...] = setting(("extract",), "comma list of question splits to run: extract,eval", kind="comma")
     # judging
-    judge_model: str = ""  # local judge: "" -> same as model; servers: the model name to request
-    judge_base_url: str = ""
-    judge_api_key_env: str = "OPENAI_API_KEY"  # name of the variable holding the key, never the key
-    judge_batch_size: int = 8
-    judge_concurrency: int = 8
-    judge_timeout: float = 60.0
-    judge_retries: int = 4
-    judge_mode: str = ""  # instructor mode ("" -> default for the server kind)
-    judge_min_mass: float = -1.0  # -1 -> the judge's default (0.25, the paper's)
-    judge_exact: bool = True  # local judge: score every number's full token sequence (see judge_local)
+    judge_model: str = setting("", "judge model (local: HF id/path, default the model; servers: model name)")
+    judge_base_url: str = setting("", "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    judge_api_key_env: str = setting("OPENAI_API_KEY", "NAME of the environment variable holding the judge API key")
+    judge_batch_size: int = setting(8, "local judge batch size")
+    judge_concurrency: int = setting(8, "judge requests in flight")
+    judge_timeout: float = setting(60.0, "seconds per judge request")
+    judge_retries: int = setting(4, "judge retries before an item is unscored")
+    judge_mode: str = setting("", "instructor mode: tools, json_schema, json, md_json (default per server kind)")
+    judge_min_mass: float = setting(-1.0, "min probability on numbers for a logprob score (-1: the judge's default, 0.25)")
+    judge_exact: bool = setting(True, "local judge: score every number's full token sequence")
     # filtering (paper defaults)
-    trait_threshold: float = 50.0
-    coherence_threshold: float = 50.0
+    trait_threshold: float = setting(50.0, "T: keep pos >= T and neg < 100 - T")
+    coherence_threshold: float = setting(50.0, "C: keep pairs with both coherence >= C")
     # extraction
-    extract_batch_size: int = 8
+    extract_batch_size: int = setting(8, "extraction batch size")
     # places
-    out_dir: str = ""  # "" -> runs/<model>/<trait>
-    cache_dir: str = ".harness_cache"
-    traits_dirs: tuple[str, ...] = ()
-    trait_files: tuple[str, ...] = ()
+    out_dir: str = setting("", "run directory (default runs/<model>/<trait>)", flag="--out")
+    cache_dir: str = setting(".harness_cache", "cache directory (default .harness_cache)")
+    traits_dirs: tuple[str, ...] = setting((), "extra traits folder (repeatable)", flag="--traits-dir", kind="append")
+    trait_files: tuple[str, ...] = setting((), "run a trait from this file (repeatable)", flag="--trait-file",
+                                           kind="append")
     # environment
-    device: str = "auto"
-    device_map: str = ""  # "" -> none; "auto"/"balanced"/...: from_pretrained places the model over this host's GPUs
-    dtype: str = "auto"
-    plugins: tuple[str, ...] = ()
-    progress: bool = True
-    plugin_config: dict = field(default_factory=dict)
-    profile_applied: str = ""  # filled in by apply_profile
+    device: str = setting("auto", "cpu, cuda, cuda:1, auto")
+    device_map: str = setting("", "from_pretrained device_map (auto, balanced, ...): one model over this host's "
+                                  "GPUs; not under torchrun")
+    dtype: str = setting("auto", "float32, bfloat16, float16, auto")
+    plugins: tuple[str, ...] = setting((), "load this plugin module (installed, else MODULE.py in the current "
+                                           "directory; repeatable)", flag="--plugin", kind="append")
+    progress: bool = setting(True, "progress bars")
+    plugin_config: dict = setting(None, "per-plugin settings table (config file only)", flag="", factory=dict)
+    profile_applied: str = setting("", "the profile apply_profile applied (set by the harness)", flag="")
 
     def replace(self, **kw: Any) -> Settings:
         return dataclasses.replace(self, **kw)

@@ -8,7 +8,7 @@ metrics: a per-trait table at the end of the run, JUnit XML properties and a JSO
 
 Kept import-light: pytest imports this module at every start wherever the package is installed,
 so torch, transformers and the harness pipeline are imported lazily, and nothing happens unless
-``--trait`` is given. Never also list it in ``pytest_plugins`` or pass ``-p harness.pytest_plugin``
+``--trait`` is given. Never also list it in ``pytest_plugins`` or pass ``-p harness.acceptance.plugin``
 (the entry point already registers it; use ``-p persona_harness`` if autoload is disabled).
 """
 
@@ -96,7 +96,7 @@ class HarnessSession:
     started: float = field(default_factory=time.time)
 
     def trait_settings(self, trait: str):
-        from .pipeline import slug
+        from harness.core.pipeline import slug
 
         return self.settings.replace(out_dir=str(self.run_root / slug(self.settings.model) / trait))
 
@@ -111,9 +111,9 @@ def pytest_configure(config):
     traits = list(dict.fromkeys(config.getoption("trait") or []))
     if not traits:
         return  # no-op: nothing is imported or built without --trait
-    from .config import load_settings
-    from .errors import HarnessError
-    from .plugins import get_plugin_manager
+    from harness.core.config import load_settings
+    from harness.core.errors import HarnessError
+    from harness.core.plugins import get_plugin_manager
 
     root = Path(config.rootpath)
     base = Path(config.inipath).parent if config.inipath else root
@@ -148,7 +148,7 @@ def pytest_configure(config):
             "(add a folder with --harness-traits-dir or the harness_traits_dir ini key)")
     opt_runs = config.getoption("harness_run_dir")
     run_root = _resolve(Path.cwd(), opt_runs) if opt_runs else _resolve(base, config.getini("harness_run_dir") or "runs")
-    from .pipeline import slug
+    from harness.core.pipeline import slug
 
     report = config.getoption("harness_report")
     report_path = _resolve(Path.cwd(), report) if report else run_root / slug(settings.model) / "acceptance.json"
@@ -221,7 +221,7 @@ def trait_spec(harness_session, trait):
 @pytest.fixture(scope="session")
 def trait_thresholds(harness_session, trait_spec) -> dict:
     """Thresholds for this trait and model: checks.json ``default`` < the model's block."""
-    from .checks import thresholds_for
+    from harness.analysis.checks import thresholds_for
 
     path = Path(trait_spec.source).parent / "checks.json" if trait_spec.source else "checks.json"
     th = thresholds_for(trait_spec.checks, harness_session.settings.model, path)
@@ -240,8 +240,8 @@ def trait_run(harness_session, trait_spec, harness_settings):
     content-addressed cache, so a rerun only recomputes activations. When the filter keeps no
     pair the result still has generations, judgments and selection (``vectors`` is None).
     """
-    from .errors import NoEffectivePairsError
-    from .pipeline import RunContext, RunResult, run_trait
+    from harness.core.errors import NoEffectivePairsError
+    from harness.core.pipeline import RunContext, RunResult, run_trait
 
     name = trait_spec.name
     if name in harness_session.runs:
@@ -308,8 +308,8 @@ def eval_activations(harness_session, trait_run) -> dict:
     Every eval-split generation with a non-empty response is used (no filtering: these questions
     never took part in extraction). Cached in the run directory, keyed by the generations.
     """
-    from .activations import example_means
-    from .records import content_hash
+    from harness.models.activations import example_means
+    from harness.core.records import content_hash
 
     gens = [g for g in trait_run.generations if g.split == "eval" and g.response_token_ids]
     if not gens:
@@ -333,7 +333,7 @@ def eval_activations(harness_session, trait_run) -> dict:
 
         ctx = harness_session.contexts.get(trait_run.trait.name)
         if ctx is None:
-            from .pipeline import RunContext
+            from harness.core.pipeline import RunContext
 
             ctx = harness_session.contexts[trait_run.trait.name] = RunContext(settings=s, pm=harness_session.pm)
         lm = ctx.model()
@@ -353,7 +353,7 @@ def reference_vector(harness_session, trait_spec, trait_run):
 
     With ``--update-reference`` the new vector is written there first.
     """
-    from .checks import load_reference, reference_path, save_reference
+    from harness.analysis.checks import load_reference, reference_path, save_reference
 
     path = reference_path(_trait_dir(trait_spec), harness_session.settings.model)
     ex = harness_session.extra.setdefault(trait_spec.name, {})
@@ -503,7 +503,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 def build_report(hs: HarnessSession) -> dict:
-    from . import __version__
+    from harness import __version__
 
     s = hs.settings
     traits: dict = {}
@@ -529,7 +529,7 @@ def pytest_sessionfinish(session, exitstatus):
     hs = _session(session.config)
     if hs is None or not hs.checks:
         return
-    from .artifacts import atomic_write_json
+    from harness.core.artifacts import atomic_write_json
 
     atomic_write_json(hs.report_path, build_report(hs))
     hs.extra["_report_written"] = True

@@ -5,7 +5,7 @@ Generation
     slot at each step: the cache is a fixed ``[B, kv_heads, C, head_dim]`` buffer per layer;
   * the model's own decoder layers are called as modules (forward hooks fire), with a small
     attention function (grouped-query attention without repeating K/V; fp32 softmax);
-  * logits are computed for the last position only; sampling is ``harness.sampling``'s
+  * logits are computed for the last position only; sampling is ``harness.models.sampling``'s
     batch-invariant Gumbel-max (no vocabulary sort) on the device, with the step as a tensor;
   * on CUDA each decode step is captured once per KV-length bucket in a CUDA graph and replayed;
     graphs are kept between calls of the same batch shape and dropped when the model's hooks change;
@@ -24,7 +24,7 @@ Extraction
 
 Fused kernels (CUDA only, ``fused="auto"``; never on CPU)
   * sampling at temperature > 0, top_p == 1: one Triton kernel (hash noise + Gumbel + block argmax),
-    bit-identical to ``harness.sampling`` on the same device;
+    bit-identical to ``harness.models.sampling`` on the same device;
   * RMSNorm, SwiGLU, rotary and the decode softmax via ``torch.compile`` (``emulate_precision_casts``),
     swapped in only while the engine runs (``_FusedSwap``); extraction keeps torch's own mean-of-squares
     reduction, so its sums equal the unfused ones. Compile failures fall back to eager.
@@ -40,8 +40,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .activations import METHODS, NonFiniteActivationError
-from .steering import direct_call
+from harness.models.activations import METHODS, NonFiniteActivationError
+from harness.analysis.steering import direct_call
 
 ATTN_NAME = "harness_engine"
 SUPPORTED_MODEL_TYPES = {"llama", "qwen2", "qwen3", "mistral", "olmo2", "granite"}
@@ -79,7 +79,7 @@ def fast_generation_supported(model) -> tuple[bool, str]:
         base_model(model)
     except TypeError as e:
         return False, str(e)
-    from .modeling import model_devices
+    from harness.models.loading import model_devices
 
     devices = model_devices(model)
     if len(devices) > 1:  # device_map placement: the static cache and graphs live on one device
@@ -171,13 +171,13 @@ class StaticKVCache:
 
 # ------------------------------------------------------------------------------------ sampling
 def sample_step(logits, seeds, step_t, temperature: float, top_p: float = 1.0):
-    """``harness.sampling.sample_tokens`` with the step as a 1-element int64 tensor (graph-safe).
+    """``harness.models.sampling.sample_tokens`` with the step as a 1-element int64 tensor (graph-safe).
 
     Same integer hash and float ops, so tokens equal ``sample_tokens(logits, seeds, step, ...)``.
     """
     import torch
 
-    from .sampling import _STEP, hash_uniform, scaled_logits
+    from harness.models.sampling import _STEP, hash_uniform, scaled_logits
 
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -351,7 +351,7 @@ _GUMBEL: dict = {}
 def _gumbel_kernel():
     """Triton kernel: per (row, vocabulary block) the max of ``logits * inv_t + Gumbel(seed, step, index)`` and
     its first index. Same integer hash, fp64 uniform, libdevice log and fp32 rounding steps as
-    ``harness.sampling`` on CUDA (where ``x / T`` runs as ``x * (1/T)``; FMA contraction off)."""
+    ``harness.models.sampling`` on CUDA (where ``x / T`` runs as ``x * (1/T)``; FMA contraction off)."""
     if "k" in _GUMBEL:
         return _GUMBEL["k"]
     import triton
@@ -391,11 +391,11 @@ def _gumbel_kernel():
 
 def gumbel_argmax_cuda(logits, seeds, step_t, temperature: float, block: int = 2048):
     """Fused ``sample_step`` for temperature > 0 and top_p == 1 on CUDA (graph-safe; bit-identical to
-    ``harness.sampling.sample_tokens`` on the same device: checked by benchmarks/gpu_check.py)."""
+    ``harness.models.sampling.sample_tokens`` on the same device: checked by benchmarks/gpu_check.py)."""
     import numpy as np
     import torch
 
-    from .sampling import _C0, _C1, _C2, _STEP
+    from harness.models.sampling import _C0, _C1, _C2, _STEP
 
     k = _gumbel_kernel()
     if logits.stride(-1) != 1:

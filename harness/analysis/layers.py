@@ -119,8 +119,8 @@ def recommend_layer(norms: list[float] | None = None, monitor: dict | None = Non
 
 def recommend_for_run(run_dir: str | Path, *, min_coherence: float | None = None, write: bool = True) -> dict:
     """Read vectors.safetensors, monitor.json and sweep.json from a run directory and recommend."""
-    from .artifacts import atomic_write_json, load_vectors
-    from .monitor import MONITOR_FILE
+    from harness.core.artifacts import atomic_write_json, load_vectors
+    from harness.analysis.monitor import MONITOR_FILE
 
     run_dir = Path(run_dir)
     norms = None

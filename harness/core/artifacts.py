@@ -9,8 +9,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import HarnessError
-from .records import LAYER_CONVENTION, VectorSet
+from harness.core.errors import HarnessError
+from harness.core.records import LAYER_CONVENTION, VectorSet
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

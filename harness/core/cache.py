@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from .records import content_hash
+from harness.core.records import content_hash
 
 
 def cache_key(stage: str, **parts: Any) -> str:

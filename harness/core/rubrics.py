@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .records import Generation, content_hash
+from harness.core.records import Generation, content_hash
 
 RUBRIC_VERSION = "1"
 
@@ -37,7 +37,7 @@ def fill(rubric: str, question: str, answer: str) -> str:
 
 def judge_items(trait_name: str, trait_rubric: str, gens: list[Generation], metrics: tuple[str, ...] | None = None):
     """One JudgeItem per (generation, metric): the trait rubric and the coherence rubric."""
-    from .records import JudgeItem
+    from harness.core.records import JudgeItem
 
     metrics = metrics or (trait_name, COHERENCE)
     out = []

@@ -8,7 +8,7 @@ folder (``traits/test_acceptance.py`` of this repository is exactly that)::
 and ``pytest traits/ --trait NAME``. The tests are parametrized by ``trait`` (the ``persona_harness``
 pytest plugin does it for every ``--trait``) and share one pipeline run per trait through the
 plugin's session fixtures (the on-disk cache makes reruns fast). Thresholds come from
-``traits/<name>/checks.json`` (a ``default`` block, overridden per model); see ``harness.checks``.
+``traits/<name>/checks.json`` (a ``default`` block, overridden per model); see ``harness.analysis.checks``.
 
 A threshold set to ``null`` makes its metric informational for that model: the metric is still
 measured and printed in the summary table, the other thresholds of the check are still enforced,
@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from harness import checks
+from harness.analysis import checks
 
 __all__ = ["pytestmark", "test_score_gap", "test_norm_peak", "test_projection_auroc", "test_reference_cosine"]
 

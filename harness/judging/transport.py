@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 from urllib.parse import urlparse
 
-from .errors import HarnessError
+from harness.core.errors import HarnessError
 
 log = logging.getLogger("persona_harness.judging")
 T = TypeVar("T")

@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterable
 
 import pluggy
 
-from . import hookspecs
-from .errors import HarnessError, UnknownComponentError
+from harness.core import hookspecs
+from harness.core.errors import HarnessError, UnknownComponentError
 
 ENTRY_POINT_GROUP = "persona_harness"
 
@@ -27,12 +27,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "harness_plugins.generate_fast",
     "harness_plugins.judge_local",
     "harness_plugins.judge_openai",
-    "harness_plugins.trait_author",
     "harness_plugins.filter_threshold",
     "harness_plugins.extract_mean_diff",
     "harness_plugins.extract_fast",
-    "harness_plugins.reference_cmd",
-    "harness_plugins.commands_vectors",
 )
 
 
@@ -147,7 +144,7 @@ def plugin_info(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
             version = dist.version
             project = dist.project_name
         else:
-            from . import __version__
+            from harness import __version__
 
             version, project = (__version__, "persona-harness") if name.startswith("harness_plugins.") else ("", "")
         hooks = sorted(h.name for h in (pm.get_hookcallers(plugin) or []))

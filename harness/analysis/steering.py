@@ -1,6 +1,6 @@
 """Activation steering: add ``coef * v`` to the residual stream during forward passes and ``generate``.
 
-Layer convention (the same as every vector file, see ``harness.records.LAYER_CONVENTION``):
+Layer convention (the same as every vector file, see ``harness.core.records.LAYER_CONVENTION``):
 vector index ``L`` is ``hidden_states[L]``, the output of decoder block ``L - 1``, so steering at
 ``L`` puts a forward hook on ``model.layers[L - 1]`` and adds to that block's output. Index 0 (the
 embeddings) cannot be steered. Index ``num_hidden_layers`` is read *after* the final norm by HF but
@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from .errors import HarnessError
+from harness.core.errors import HarnessError
 
 POSITIONS = ("all", "prompt", "response")
 SCALES = ("raw", "unit", "mean_norm")
@@ -303,7 +303,7 @@ def steer(model_or_lm: Any, vectors: Any, coef: Any = 1.0, *, layers: int | Sequ
                 raise HarnessError(f"coef for layer {L} has per-row values, but this generation loop calls the "
                                    "blocks itself without telling which request each batch row is (its row order is "
                                    "not the caller's). Fix: give one coefficient per call (one steering cell per "
-                                   "generate call), or pass rows= to harness.steering.direct_call")
+                                   "generate call), or pass rows= to harness.analysis.steering.direct_call")
             else:
                 rows = direct.get("rows") if direct is not None else None
                 n = direct.get("n", c.numel()) if direct is not None else B
@@ -408,7 +408,7 @@ def load_norms(run_dir: str | Path) -> list[float] | None:
 def norms_for_run(run_dir: str | Path, lm: Any, *, split: str = "extract", max_examples: int = 64,
                   batch_size: int = 8) -> list[float]:
     """Load ``activation_norms.json`` or measure it on the run's generations and store it."""
-    from .artifacts import atomic_write_json, read_jsonl
+    from harness.core.artifacts import atomic_write_json, read_jsonl
 
     norms = load_norms(run_dir)
     if norms is not None and len(norms) == lm.num_layers + 1:

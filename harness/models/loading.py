@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import HarnessError
+from harness.core.errors import HarnessError
 
 EMBEDDED_ALIASES = {"smollm2", "smollm2-135m", "SmolLM2-135M-Instruct"}
 EMBEDDED_ID = "smollm2"
@@ -132,7 +132,7 @@ def load_hf_model(model_id: str, *, device: str = "auto", dtype: str = "auto", d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if device_map:
-        from .distributed import env_world, is_distributed
+        from harness.core.distributed import env_world, is_distributed
 
         if is_distributed():
             raise HarnessError(

@@ -11,14 +11,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from harness.hookspecs import hookimpl
 
 
 def cmd_reference(args) -> int:
-    from harness.checks import reference_path, save_reference
-    from harness.cli import settings_from_args
-    from harness.pipeline import run_trait, slug
-    from harness.plugins import get_plugin_manager
+    from harness.analysis.checks import reference_path, save_reference
+    from harness.cli.options import settings_from_args
+    from harness.core.pipeline import run_trait, slug
+    from harness.core.plugins import get_plugin_manager
 
     s = settings_from_args(args)
     pm = get_plugin_manager(modules=s.plugins)
@@ -40,9 +39,8 @@ def cmd_reference(args) -> int:
     return 0
 
 
-@hookimpl
-def harness_register_commands(subparsers):
-    from harness.cli import add_settings_arguments
+def register_commands(subparsers):
+    from harness.cli.options import add_settings_arguments
 
     p = subparsers.add_parser("reference", help="write the reference vector used by the acceptance regression check")
     p.add_argument("--trait", action="append", required=True, help="trait name (repeatable)")

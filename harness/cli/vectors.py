@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness.errors import HarnessError
-from harness.hookspecs import hookimpl
+from harness.core.errors import HarnessError
 
 
 def _floats(s: str) -> list[float]:
@@ -37,21 +36,15 @@ def _run_dir(args) -> Path:
 
 
 def _settings(args):
-    from harness.sweep import settings_for_run
+    from harness.analysis.sweep import settings_for_run
+    from harness.cli.options import flags_from_args
 
-    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
-    if getattr(args, "traits_dirs", None):
-        flags["traits_dirs"] = tuple(args.traits_dirs)
-    if getattr(args, "plugins", None):
-        flags["plugins"] = tuple(args.plugins)
-    if getattr(args, "no_progress", False):
-        flags["progress"] = False
-    return settings_for_run(_run_dir(args), flags)
+    return settings_for_run(_run_dir(args), flags_from_args(args))
 
 
 def _ctx(args):
-    from harness.pipeline import RunContext
-    from harness.plugins import get_plugin_manager
+    from harness.core.pipeline import RunContext
+    from harness.core.plugins import get_plugin_manager
 
     s = _settings(args)
     pm = get_plugin_manager(modules=s.plugins)
@@ -71,7 +64,7 @@ def _vector_and_layers(args, run_dir: Path, lm):
 
 
 def _vectors(run_dir: Path, lm, method: str):
-    from harness.artifacts import load_vectors
+    from harness.core.artifacts import load_vectors
 
     vs = load_vectors(run_dir / "vectors.safetensors", expect_shape=(lm.num_layers + 1, lm.hidden_size))
     if method not in vs.tensors:
@@ -80,7 +73,7 @@ def _vectors(run_dir: Path, lm, method: str):
 
 
 def _common(p, *, method: bool = True) -> None:
-    from harness.cli import add_settings_arguments
+    from harness.cli.options import add_settings_arguments
 
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by 'persona-harness run'")
     if method:
@@ -98,11 +91,11 @@ def _steer_opts(p) -> None:
 
 # -- commands -------------------------------------------------------------------------------------
 def cmd_steer(args) -> int:
-    from harness.cache import Cache
-    from harness.plugins import build_registry
-    from harness.records import GenerationRequest
-    from harness.steering import norms_for_run
-    from harness.sweep import load_run_trait, steered_generate
+    from harness.core.cache import Cache
+    from harness.core.plugins import build_registry
+    from harness.core.records import GenerationRequest
+    from harness.analysis.steering import norms_for_run
+    from harness.analysis.sweep import load_run_trait, steered_generate
 
     ctx, run_dir, lm = _open(args)
     s = ctx.settings
@@ -135,7 +128,7 @@ def cmd_steer(args) -> int:
 
 
 def _default_layers(run_dir: Path, n_layers: int) -> list[int]:
-    from harness.layers import recommend_for_run
+    from harness.analysis.layers import recommend_for_run
 
     rec = recommend_for_run(run_dir, write=False)
     c = rec.get("layer") or max(1, n_layers // 2)
@@ -146,7 +139,7 @@ def _default_layers(run_dir: Path, n_layers: int) -> list[int]:
 def cmd_sweep(args) -> int:
     import time
 
-    from harness.sweep import format_table, run_sweep
+    from harness.analysis.sweep import format_table, run_sweep
 
     t0 = time.perf_counter()
     ctx, run_dir, lm = _open(args)
@@ -166,7 +159,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_monitor(args) -> int:
-    from harness.monitor import load_records, monitor_run, project_records
+    from harness.analysis.monitor import load_records, monitor_run, project_records
 
     ctx, run_dir, lm = _open(args)
     if args.input:
@@ -196,14 +189,14 @@ def cmd_monitor(args) -> int:
 
 
 def _rec_layer(run_dir: Path, lm) -> int:
-    from harness.layers import recommend_for_run
+    from harness.analysis.layers import recommend_for_run
 
     rec = recommend_for_run(run_dir, write=False)
     return int(rec.get("layer") or max(1, lm.num_layers // 2))
 
 
 def cmd_layers(args) -> int:
-    from harness.layers import recommend_for_run
+    from harness.analysis.layers import recommend_for_run
 
     res = recommend_for_run(_run_dir(args), min_coherence=args.min_coherence)
     if args.json:
@@ -214,9 +207,9 @@ def cmd_layers(args) -> int:
 
 
 def cmd_lens(args) -> int:
-    from harness.artifacts import atomic_write_json
-    from harness.lens import lens_layers
-    from harness.report import LENS_FILE
+    from harness.core.artifacts import atomic_write_json
+    from harness.analysis.lens import lens_layers
+    from harness.analysis.report import LENS_FILE
 
     ctx, run_dir, lm = _open(args)
     v, layers = _vector_and_layers(args, run_dir, lm)
@@ -240,9 +233,9 @@ def cmd_lens(args) -> int:
 def cmd_sae(args) -> int:
     import torch
 
-    from harness.artifacts import atomic_write_json, load_vectors
-    from harness.report import SAE_FILE
-    from harness.sae import load_sae, read_vector
+    from harness.core.artifacts import atomic_write_json, load_vectors
+    from harness.analysis.report import SAE_FILE
+    from harness.analysis.sae import load_sae, read_vector
 
     run_dir = _run_dir(args)
     sae = load_sae(args.sae)
@@ -264,8 +257,8 @@ def cmd_sae(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from harness.report import LENS_FILE, write_report
-    from harness.monitor import MONITOR_FILE
+    from harness.analysis.report import LENS_FILE, write_report
+    from harness.analysis.monitor import MONITOR_FILE
 
     run_dir = _run_dir(args)
     lm = None
@@ -277,8 +270,7 @@ def cmd_report(args) -> int:
     return 0
 
 
-@hookimpl
-def harness_register_commands(subparsers: Any) -> None:
+def register_commands(subparsers: Any) -> None:
     p = subparsers.add_parser("steer", help="generate with a vector added at one layer (compare to unsteered)")
     _common(p)
     p.add_argument("--layer", type=int, required=True, help="hidden_states index L (hooks model.layers[L-1])")

@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import HarnessError
+from harness.core.errors import HarnessError
 
 LENS_FILE = "lens.json"
 SAE_FILE = "sae.json"
@@ -91,8 +91,8 @@ def _read_json(p: Path) -> Any:
 
 
 def load_run_data(run_dir: Path) -> dict:
-    from .artifacts import load_vectors, read_jsonl
-    from .monitor import MONITOR_FILE, PROJECTIONS_FILE
+    from harness.core.artifacts import load_vectors, read_jsonl
+    from harness.analysis.monitor import MONITOR_FILE, PROJECTIONS_FILE
 
     d: dict[str, Any] = {"run_dir": run_dir}
     d["run"] = _read_json(run_dir / "run.json") or {}
@@ -112,9 +112,9 @@ def load_run_data(run_dir: Path) -> dict:
 def compute_missing(run_dir: Path, data: dict, lm: Any, *, lens_layers: list[int] | None = None, k: int = 10,
                     notes: list[str] | None = None) -> None:
     """Fill ``monitor`` (eval split, else extract in-sample) and ``lens`` with the model."""
-    from .artifacts import atomic_write_json, read_jsonl
-    from .lens import lens_layers as _lens
-    from .monitor import PROJECTIONS_FILE, monitor_run
+    from harness.core.artifacts import atomic_write_json, read_jsonl
+    from harness.analysis.lens import lens_layers as _lens
+    from harness.analysis.monitor import PROJECTIONS_FILE, monitor_run
 
     notes = notes if notes is not None else []
     vs = data["vectors"]
@@ -139,7 +139,7 @@ def compute_missing(run_dir: Path, data: dict, lm: Any, *, lens_layers: list[int
 
 
 def _default_lens_layers(data: dict) -> list[int]:
-    from .layers import recommend_layer
+    from harness.analysis.layers import recommend_layer
 
     vs = data["vectors"]
     m = "response_avg_diff" if "response_avg_diff" in vs.tensors else sorted(vs.tensors)[0]
@@ -386,7 +386,7 @@ def _examples_html(sweep_gens: list[dict], layer: int | None) -> str:
 # -- the page -------------------------------------------------------------------------------------
 def build_report(run_dir: str | Path, *, lm: Any = None, compute: bool = True) -> str:
     """Return the report HTML for a run directory (computing monitor/lens with ``lm`` if given)."""
-    from .layers import recommend_layer
+    from harness.analysis.layers import recommend_layer
 
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").exists():
@@ -447,7 +447,7 @@ def build_report(run_dir: str | Path, *, lm: Any = None, compute: bool = True) -
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, lm: Any = None, compute: bool = True) -> Path:
-    from .artifacts import atomic_write_text
+    from harness.core.artifacts import atomic_write_text
 
     out = Path(out) if out else Path(run_dir) / REPORT_FILE
     atomic_write_text(out, build_report(run_dir, lm=lm, compute=compute))

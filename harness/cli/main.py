@@ -3,78 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from typing import Any, Sequence
 
-from . import __version__
-from .errors import HarnessError
+from harness import __version__
+from harness.cli.options import add_settings_arguments, settings_from_args
+from harness.core.errors import HarnessError
 
-# settings exposed as flags: (flag, field, type, help)
-SETTING_FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--model", "model", str, "HF model id or local path; 'smollm2' (default) is the embedded model"),
-    ("--generator", "generator", str, "generator plugin name (default hf)"),
-    ("--judge", "judge", str, "judge plugin name (default local)"),
-    ("--judge-model", "judge_model", str, "judge model (local: HF id/path; servers: model name)"),
-    ("--judge-base-url", "judge_base_url", str, "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"),
-    ("--judge-api-key-env", "judge_api_key_env", str, "environment variable holding the judge API key"),
-    ("--judge-mode", "judge_mode", str, "instructor mode: tools, json_schema, json, md_json"),
-    ("--judge-concurrency", "judge_concurrency", int, "judge requests in flight"),
-    ("--judge-retries", "judge_retries", int, "judge retries before an item is unscored"),
-    ("--judge-timeout", "judge_timeout", float, "seconds per judge request"),
-    ("--judge-min-mass", "judge_min_mass", float, "min probability on numbers for a logprob score"),
-    ("--filter", "filter", str, "filter plugin name (default effective-pairs)"),
-    ("--extractor", "extractor", str, "extractor plugin name (default mean-diff)"),
-    ("--profile", "profile", str, "settings profile: auto (per model), paper, embedded"),
-    ("--n-per-question", "n_per_question", int, "samples per question and instruction"),
-    ("--temperature", "temperature", float, "sampling temperature (0 = greedy)"),
-    ("--top-p", "top_p", float, "nucleus sampling (1 = off)"),
-    ("--max-new-tokens", "max_new_tokens", int, "response length limit"),
-    ("--seed", "seed", int, "sampling seed"),
-    ("--batch-size", "batch_size", int, "generation batch size (0 = automatic)"),
-    ("--extract-batch-size", "extract_batch_size", int, "extraction batch size"),
-    ("--trait-threshold", "trait_threshold", float, "T: keep pos >= T and neg < 100 - T"),
-    ("--coherence-threshold", "coherence_threshold", float, "C: keep pairs with both coherence >= C"),
-    ("--pos-name", "pos_name", str, "assistant name in pos prompts (default: the trait)"),
-    ("--neg-name", "neg_name", str, "assistant name in neg prompts (default: helpful)"),
-    ("--out", "out_dir", str, "run directory (default runs/<model>/<trait>)"),
-    ("--cache-dir", "cache_dir", str, "cache directory (default .harness_cache)"),
-    ("--device", "device", str, "cpu, cuda, cuda:1, auto"),
-    ("--device-map", "device_map", str, "from_pretrained device_map (auto, balanced, ...): one model over this host's GPUs; not under torchrun"),
-    ("--dtype", "dtype", str, "float32, bfloat16, float16, auto"),
-]
-
-
-def add_settings_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("settings (flags > config file > PERSONA_HARNESS_* environment)")
-    for flag, dest, typ, help_ in SETTING_FLAGS:
-        g.add_argument(flag, dest=f"set_{dest}", type=typ, default=None, help=help_)
-    g.add_argument("--splits", dest="set_splits", default=None, help="comma list: extract,eval")
-    g.add_argument("--traits-dir", dest="traits_dirs", action="append", default=[], help="extra traits folder")
-    g.add_argument("--trait-file", dest="trait_files", action="append", default=[], help="run a trait from this file")
-    g.add_argument("--plugin", dest="plugins", action="append", default=[],
-                   help="load this plugin module (installed, else MODULE.py in the current directory)")
-    g.add_argument("--config", dest="config", default=None, help="TOML config file")
-    g.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bars")
-
-
-def settings_from_args(args: argparse.Namespace):
-    from .config import load_settings
-
-    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
-    if getattr(args, "traits_dirs", None):
-        flags["traits_dirs"] = tuple(args.traits_dirs)
-    if getattr(args, "trait_files", None):
-        flags["trait_files"] = tuple(args.trait_files)
-    if getattr(args, "plugins", None):
-        flags["plugins"] = tuple(args.plugins)
-    if getattr(args, "no_progress", False):
-        flags["progress"] = False
-    return load_settings(flags, config_path=getattr(args, "config", None))
+#: modules of the built-in sub-commands beyond run/traits/plugins/validate (each has register_commands)
+BUILTIN_COMMANDS = ("harness.cli.author", "harness.cli.reference", "harness.cli.vectors")
 
 
 def _pm(settings):
-    from .plugins import get_plugin_manager
+    from harness.core.plugins import get_plugin_manager
 
     return get_plugin_manager(modules=settings.plugins)
 
@@ -82,22 +25,22 @@ def _pm(settings):
 def cmd_run(args) -> int:
     from pathlib import Path
 
-    from .pipeline import run_trait
+    from harness.core.pipeline import run_trait
 
     s = settings_from_args(args)
     pm = _pm(s)
     traits = list(args.trait or [])
     if s.trait_files and traits:
-        from harness_plugins.traits_json import _name_for
+        from harness.core.traits import trait_name_for
 
-        unused = [f for f in s.trait_files if _name_for(Path(f)) not in traits]
+        unused = [f for f in s.trait_files if trait_name_for(Path(f)) not in traits]
         if unused:
-            names = ", ".join(f"{f} (trait {_name_for(Path(f))!r})" for f in unused)
+            names = ", ".join(f"{f} (trait {trait_name_for(Path(f))!r})" for f in unused)
             print(f"error: --trait-file {names} is not one of --trait {' '.join(traits)}; it would be ignored. "
                   "Fix: drop --trait to run the files, or name their traits with --trait", file=sys.stderr)
             return 2
     if s.trait_files and not traits:
-        from harness_plugins.traits_json import load_trait_path
+        from harness.core.traits import load_trait_path
 
         traits = [load_trait_path(f) for f in s.trait_files]  # type: ignore[misc]
     if not traits:
@@ -156,7 +99,7 @@ def cmd_traits(args) -> int:
 
 
 def cmd_plugins(args) -> int:
-    from .plugins import build_registry, plugin_info
+    from harness.core.plugins import build_registry, plugin_info
 
     s = settings_from_args(args)
     pm = _pm(s)
@@ -175,7 +118,7 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from harness_plugins.traits_json import PAPER_PAIRS, PAPER_QUESTIONS, load_trait_path
+    from harness.core.traits import PAPER_PAIRS, PAPER_QUESTIONS, load_trait_path
 
     bad = 0
     for path in args.paths:
@@ -217,6 +160,8 @@ def build_parser(pm=None) -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check trait files or folders")
     v.add_argument("paths", nargs="+")
     v.set_defaults(func=cmd_validate)
+    for name in BUILTIN_COMMANDS:
+        importlib.import_module(name).register_commands(sub)
     if pm is not None:
         pm.hook.harness_register_commands(subparsers=sub)
     return p
@@ -266,7 +211,7 @@ def import_plugin_modules(mods: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .plugins import get_plugin_manager
+    from harness.core.plugins import get_plugin_manager
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # --plugin modules must be known before parsing so their commands exist

@@ -17,18 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from . import __version__
-from .artifacts import append_jsonl, atomic_write_json, read_jsonl, save_vectors, write_jsonl
-from .activations import NonFiniteActivationError
-from .batching import run_with_oom_halving
-from .cache import Cache, cache_key
-from .config import Settings
-from . import distributed as _dist
-from .errors import HarnessError, NoEffectivePairsError
-from .modeling import system_prompt
-from .plugins import build_registry, get_plugin_manager, plugin_info
-from .records import Generation, GenerationRequest, Judgment, LAYER_CONVENTION, Selection, TraitSpec, VectorSet
-from .rubrics import COHERENCE, judge_items
+from harness import __version__
+from harness.core.artifacts import append_jsonl, atomic_write_json, read_jsonl, save_vectors, write_jsonl
+from harness.models.activations import NonFiniteActivationError
+from harness.core.batching import run_with_oom_halving
+from harness.core.cache import Cache, cache_key
+from harness.core.config import Settings
+from harness.core import distributed as _dist
+from harness.core.errors import HarnessError, NoEffectivePairsError
+from harness.models.loading import system_prompt
+from harness.core.plugins import build_registry, get_plugin_manager, plugin_info
+from harness.core.records import Generation, GenerationRequest, Judgment, LAYER_CONVENTION, Selection, TraitSpec, VectorSet
+from harness.core.rubrics import COHERENCE, judge_items
 
 STAGES = ("generate", "judge", "filter", "extract")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -186,7 +186,7 @@ def run_generate(ctx: RunContext, requests: Sequence[GenerationRequest], generat
                 bar.update(len(chunk))
             return gens
 
-        # one generate() call needs one temperature and top_p; OOM halves the batch (harness.batching)
+        # one generate() call needs one temperature and top_p; OOM halves the batch (harness.core.batching)
         for _, group in itertools.groupby(todo, key=lambda r: (r.temperature, r.top_p)):
             run_with_oom_halving(step, list(group), bs)
         if bar is not None:
@@ -284,7 +284,7 @@ def run_trait(trait: str | TraitSpec, settings: Settings | None = None, *, pm=No
         spec = pm.hook.harness_load_trait(name=trait, settings=s)
         if spec is None:
             known = sorted({n for ns in pm.hook.harness_list_traits(settings=s) for n in (ns or [])})
-            from .errors import UnknownComponentError
+            from harness.core.errors import UnknownComponentError
 
             raise UnknownComponentError("trait", trait, known)
     else:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import sys
 
-from harness.hookspecs import hookimpl
 
 
 def cmd_new_trait(args) -> int:
     from harness.authoring import new_trait
-    from harness.cli import settings_from_args
+    from harness.cli.options import settings_from_args
 
     s = settings_from_args(args)
     paths = new_trait(args.name, args.description, s, directory=args.dir, force=args.force, n_pairs=args.pairs,
@@ -25,9 +24,8 @@ def cmd_new_trait(args) -> int:
     return 0
 
 
-@hookimpl
-def harness_register_commands(subparsers):
-    from harness.cli import add_settings_arguments
+def register_commands(subparsers):
+    from harness.cli.options import add_settings_arguments
 
     p = subparsers.add_parser(
         "new-trait", help="write a new trait's instruction pairs, questions and rubric with an LLM",
