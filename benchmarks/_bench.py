@@ -57,7 +57,7 @@ def build_model(name: str, device: str = "auto", dtype: str | None = None):
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.eval()
-    torch.set_grad_enabled(False)
+    model.requires_grad_(False)  # no autograd graphs through the weights (not a process-wide switch)
     return LoadedModel(model=model, tokenizer=None, model_id=name, device=dev, dtype=dtype,
                        info={"class": type(model).__name__, "random_weights": True})
 
@@ -290,6 +290,9 @@ class ConstantJudge:
 
     def config(self):
         return {}
+
+    def batch_size(self, ctx):
+        return int(self.settings.judge_batch_size)
 
     def judge(self, items, ctx):
         from harness.core.records import Judgment

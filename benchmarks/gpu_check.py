@@ -119,9 +119,9 @@ def main() -> None:
         res["correct_greedy_token_match_off"] = sum(x == y for r_, g in zip(ref, got) for x, y in zip(r_, g)) / sum(
             len(r_) for r_ in ref)
         # which fused function moves the vectors: one at a time (the others forced eager)
-        from harness import engine as E
+        from harness.engine import Engine, fused_impl
 
-        fz = E.fused_impl(True)
+        fz = fused_impl(True)
         keys = [k for k in fz.fns if k not in fz.errors]
         for k in keys:
             saved = dict(fz.errors)
@@ -131,7 +131,7 @@ def main() -> None:
             finally:
                 fz.errors.clear()
                 fz.errors.update(saved)
-                E.Engine.for_model(lm).stats.pop("fused_errors", None)
+                Engine.for_model(lm).stats.pop("fused_errors", None)
             res[f"correct_extract_only_{k}_rel_err"] = max(float((g1[m] - fo[m]).norm() / fo[m].norm()) for m in fo)
 
     def fast_gen():

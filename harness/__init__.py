@@ -45,18 +45,10 @@ def load_trait(name_or_path: str, settings=None, pm=None):
     import os
 
     from harness.core.config import Settings
-    from harness.core.plugins import get_plugin_manager
+    from harness.core.plugins import get_plugin_manager, lookup_trait
 
     if os.path.exists(name_or_path):
         from harness.core.traits import load_trait_path
 
         return load_trait_path(name_or_path)
-    settings = settings or Settings()
-    pm = pm or get_plugin_manager()
-    spec = pm.hook.harness_load_trait(name=name_or_path, settings=settings)
-    if spec is None:
-        from harness.core.errors import UnknownComponentError
-
-        known = sorted({n for ns in pm.hook.harness_list_traits(settings=settings) for n in (ns or [])})
-        raise UnknownComponentError("trait", name_or_path, known)
-    return spec
+    return lookup_trait(pm or get_plugin_manager(), name_or_path, settings or Settings())

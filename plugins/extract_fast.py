@@ -4,9 +4,10 @@ Same vectors as ``mean-diff`` (within bf16 tolerance on GPU, fp32 rounding on CP
 means at every hidden_states index, summed in fp32, divided by the counts. Hooks on the decoder
 layers replace ``output_hidden_states``; no lm_head; batches sized by tokens from free memory.
 Under torch.distributed each rank extracts its shard of the examples and the sums and counts
-are all-reduced, so every rank holds the single-process vectors. A model that ``device_map`` placed
-on several devices falls back to the ``mean-diff`` extractor (one-line notice): the engine's hooks
-would sum each layer on its own device.
+are all-reduced, so every rank holds the single-process vectors. Architectures the engine is not
+tested on (``harness.engine.SUPPORTED_MODEL_TYPES``) and models that ``device_map`` placed on several
+devices (the engine's hooks would sum each layer on its own device) fall back to the ``mean-diff``
+extractor, with a one-line notice naming the reason.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Sequence
 
 from harness.models.activations import METHODS
 from harness.core.hookspecs import hookimpl
+from harness.core.protocols import BaseExtractor
 from harness.core.records import Generation, VectorSet
 from harness_plugins.extract_mean_diff import MeanDiffExtractor, mean_diff_vectors, require_pairs
 
@@ -34,24 +36,20 @@ def sharded_sums(lm, gens: Sequence[Generation], methods=METHODS) -> tuple[dict[
     return sums, n
 
 
-class FastExtractor:
+class FastExtractor(BaseExtractor):
     name = "fast"
     distributed = True  # shards examples itself and all-reduces
-
-    def __init__(self, settings: Any):
-        self.settings = settings
 
     def extract(self, trait, pos: Sequence[Generation], neg: Sequence[Generation], ctx) -> VectorSet:
         require_pairs(trait, pos, neg)
         lm = ctx.model()
-        from harness.models.loading import model_devices
+        from harness.engine import fast_extraction_supported
 
-        devices = model_devices(lm.model)
-        if len(devices) > 1:
+        ok, why = fast_extraction_supported(lm.model)
+        if not ok:
             from harness.core import distributed as hd
 
-            warnings.warn(f"extractor 'fast': model spans {len(devices)} devices ({', '.join(devices)}; device_map); "
-                          "using the 'mean-diff' extractor", stacklevel=2)
+            warnings.warn(f"extractor 'fast': {why}; using the 'mean-diff' extractor", stacklevel=2)
             vs = hd.on_main(lambda: MeanDiffExtractor(self.settings).extract(trait, pos, neg, ctx))
             vs.extractor = self.name
             vs.metadata["fallback"] = "mean-diff"

@@ -14,6 +14,7 @@ from harness.models.activations import METHODS, example_means
 from harness.core.batching import run_with_oom_halving
 from harness.core.errors import NoEffectivePairsError
 from harness.core.hookspecs import hookimpl
+from harness.core.protocols import BaseExtractor
 from harness.core.records import Generation, VectorSet
 
 
@@ -42,11 +43,8 @@ def mean_diff_vectors(trait, lm, psum: dict[str, Any], npos: int, nsum: dict[str
                      extractor=extractor)
 
 
-class MeanDiffExtractor:
+class MeanDiffExtractor(BaseExtractor):
     name = "mean-diff"
-
-    def __init__(self, settings: Any):
-        self.settings = settings
 
     def extract(self, trait, pos: Sequence[Generation], neg: Sequence[Generation], ctx) -> VectorSet:
         require_pairs(trait, pos, neg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from harness.core.hookspecs import hookimpl
+from harness.core.protocols import BaseFilter
 from harness.core.records import Generation, Judgment, Selection
 from harness.core.rubrics import COHERENCE
 
@@ -22,12 +23,16 @@ def _score(j: dict[tuple[str, str], Judgment], gid: str, metric: str) -> float |
     return None if x is None else x.score
 
 
-class ThresholdFilter:
+class ThresholdFilter(BaseFilter):
     name = "effective-pairs"
 
     def __init__(self, settings: Any):
+        super().__init__(settings)
         self.T = float(settings.trait_threshold)
         self.C = float(settings.coherence_threshold)
+
+    def config(self) -> dict:
+        return {"trait_threshold": self.T, "coherence_threshold": self.C}
 
     def select(self, trait, generations: Sequence[Generation], judgments: Sequence[Judgment]) -> Selection:
         by_key: dict[tuple, dict[str, Generation]] = {}

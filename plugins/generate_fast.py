@@ -2,9 +2,9 @@
 
 Same records and seeds as the ``hf`` generator: ``Generation`` fields, ``row_seed(seed, id)``,
 the same Gumbel-max noise, so at temperature 0 the tokens equal HF greedy ``generate``. On CPU
-the engine runs the same loop eagerly. Architectures the engine does not cover (sliding-window,
-soft-capped, ...) and models that ``device_map`` placed on several devices fall back to the ``hf``
-generator, with a one-line notice.
+the engine runs the same loop eagerly. Architectures the engine is not tested on
+(``harness.engine.SUPPORTED_MODEL_TYPES``) and models that ``device_map`` placed on several devices
+fall back to the ``hf`` generator, with a one-line notice naming the reason.
 """
 
 from __future__ import annotations
@@ -14,22 +14,22 @@ import warnings
 from typing import Any, Sequence
 
 from harness.core.hookspecs import hookimpl
+from harness.core.protocols import BaseGenerator
 from harness.models.loading import end_token_ids, prompt_ids
 from harness.core.records import Generation, GenerationRequest
 from harness.models.sampling import row_seed
 
 
-class FastGenerator:
+class FastGenerator(BaseGenerator):
     name = "fast"
-    needs_model = True
 
     def __init__(self, settings: Any):
-        self.settings = settings
+        super().__init__(settings)
         self.ignore_eos = bool((getattr(settings, "plugin_config", {}) or {}).get("fast", {}).get("ignore_eos", False))
 
-    def batch_size(self, lm) -> int:
+    def batch_size(self, ctx) -> int:
         # the pipeline hands over this many requests at once; the engine splits them by free memory
-        return self.settings.batch_size or (64 if lm.device.type == "cpu" else 4096)
+        return self.settings.batch_size or (64 if ctx.model().device.type == "cpu" else 4096)
 
     def generate(self, requests: Sequence[GenerationRequest], ctx) -> list[Generation]:
         from harness.engine import Engine, fast_generation_supported

@@ -11,26 +11,11 @@ import time
 from typing import Any, Sequence
 
 from harness.core.hookspecs import hookimpl
+from harness.core.protocols import BaseGenerator
+from harness.models.batch import left_padded
 from harness.models.loading import end_token_ids, prompt_ids
 from harness.core.records import Generation, GenerationRequest
-from harness.models.sampling import row_seed
-
-
-def _make_processor(seeds, prompt_len: int, temperature: float, top_p: float):
-    import torch
-    from transformers import LogitsProcessor
-
-    from harness.models.sampling import sample_tokens
-
-    class SeededSampler(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            step = input_ids.shape[1] - prompt_len
-            tok = sample_tokens(scores, seeds, step, temperature, top_p)
-            out = torch.full_like(scores, float("-inf"))
-            out.scatter_(1, tok[:, None], 0.0)
-            return out
-
-    return SeededSampler()
+from harness.models.sampling import row_seed, seeded_logits_processor
 
 
 def split_response(ids: list[int], end_ids: set[int], pad_id: int | None) -> tuple[list[int], str]:
@@ -44,19 +29,25 @@ def split_response(ids: list[int], end_ids: set[int], pad_id: int | None) -> tup
     return ids, "length"
 
 
-class HFGenerator:
+#: changes whenever the same request could come out differently: it enters the cache keys
+HF_GENERATOR_VERSION = "hf/2"
+
+
+class HFGenerator(BaseGenerator):
     name = "hf"
-    needs_model = True
 
     def __init__(self, settings: Any):
-        self.settings = settings
+        super().__init__(settings)
         # plugin_config {"hf": {"ignore_eos": true}}: every response runs to max_new_tokens (benchmarks)
         self.ignore_eos = bool((getattr(settings, "plugin_config", {}) or {}).get("hf", {}).get("ignore_eos", False))
 
-    def batch_size(self, lm) -> int:
+    def config(self) -> dict:
+        return {"version": HF_GENERATOR_VERSION, "ignore_eos": self.ignore_eos}
+
+    def batch_size(self, ctx) -> int:
         if self.settings.batch_size:
             return self.settings.batch_size
-        return 64 if lm.device.type == "cpu" else 256
+        return 64 if ctx.model().device.type == "cpu" else 256
 
     def generate(self, requests: Sequence[GenerationRequest], ctx) -> list[Generation]:
         import torch
@@ -67,12 +58,8 @@ class HFGenerator:
         ends = end_token_ids(tok, model)
         pad = tok.pad_token_id if tok.pad_token_id is not None else ends[0]
         prompts = [prompt_ids(tok, r.messages) for r in requests]
-        P = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), P), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), P), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, P - len(p):] = torch.tensor(p)
-            mask[i, P - len(p):] = 1
+        ids, mask = left_padded(prompts, pad)
+        P = ids.shape[1]
         temps = {r.temperature for r in requests}
         tps = {r.top_p for r in requests}
         if len(temps) != 1 or len(tps) != 1:
@@ -84,7 +71,7 @@ class HFGenerator:
         procs = []
         if temperature > 0:
             seeds = torch.tensor([row_seed(r.seed, r.id) for r in requests], dtype=torch.int64, device=lm.device)
-            procs.append(_make_processor(seeds, P, temperature, top_p))
+            procs.append(seeded_logits_processor(seeds, P, temperature, top_p))
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),

@@ -20,6 +20,9 @@ import math
 from typing import Any, Sequence
 
 from harness.core.hookspecs import hookimpl
+from harness.core.model_ids import model_identity
+from harness.core.protocols import BaseJudge
+from harness.models.batch import left_padded
 from harness.models.loading import cache_kwarg, output_cache, prompt_ids
 from harness.core.records import JudgeItem, Judgment
 
@@ -101,15 +104,10 @@ def number_distribution(model, tok, trie: NumberTrie, prompts: list[list[int]], 
     else:
         lp = 0
     suffixes = [p[lp:] for p in prompts]
-    S = max(len(x) for x in suffixes)
-    ids = torch.full((B, S), pad, dtype=torch.long)
-    smask = torch.zeros((B, S), dtype=torch.long)
-    for i, x in enumerate(suffixes):
-        ids[i, S - len(x):] = torch.tensor(x)
-        smask[i, S - len(x):] = 1
+    ids, smask = left_padded(suffixes, pad)
     ids, smask = ids.to(device), smask.to(device)
     mask = torch.cat([torch.ones((B, lp), dtype=torch.long, device=device), smask], 1)
-    P = lp + S
+    P = lp + ids.shape[1]
     pos = (lp + smask.cumsum(-1) - 1).clamp(min=0)
     kw = {ckw: cache} if cache is not None else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
@@ -164,21 +162,19 @@ def score_from_distribution(probs: Sequence[float], p_refusal: float, min_mass: 
     return float(min(max(score, 0.0), 100.0)), None, detail
 
 
-class LocalJudge:
+class LocalJudge(BaseJudge):
     name = "local"
 
     def __init__(self, settings: Any):
-        self.settings = settings
+        super().__init__(settings)
         self.min_mass = settings.judge_min_mass if settings.judge_min_mass >= 0 else 0.25
         self._trie = None
 
-    @property
-    def model_id(self) -> str:
-        return self.settings.judge_model or self.settings.model
-
     def config(self) -> dict:
+        # the judge model's identity (fingerprint, dtype, chat settings; thinking off) is part of the keys
         return {"min_mass": self.min_mass, "method": "full-sequence-expectation/1",
-                "exact": bool(self.settings.judge_exact)}
+                "exact": bool(self.settings.judge_exact),
+                "model": model_identity(self.model_id, self.settings, thinking=False)}
 
     def judge(self, items: Sequence[JudgeItem], ctx) -> list[Judgment]:
         import torch
@@ -186,7 +182,7 @@ class LocalJudge:
         lm = ctx.model(self.model_id)
         if self._trie is None:
             self._trie = NumberTrie(lm.tokenizer)
-        prompts = [prompt_ids(lm.tokenizer, [{"role": "user", "content": it.prompt}]) for it in items]
+        prompts = [prompt_ids(lm.tokenizer, [{"role": "user", "content": it.prompt}], thinking=False) for it in items]
         with torch.inference_mode():
             probs, p_ref = number_distribution(lm.model, lm.tokenizer, self._trie, prompts, lm.device,
                                                exact=bool(self.settings.judge_exact))

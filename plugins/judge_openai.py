@@ -25,6 +25,8 @@ import math
 from typing import Any, Callable, Sequence
 
 from harness.core.hookspecs import hookimpl
+from harness.core.redact import redact_obj
+from harness.core.protocols import BaseJudge
 from harness.judging.transport import (
     RetryPolicy,
     Unscored,
@@ -64,7 +66,7 @@ def verdict_model():
     return Verdict
 
 
-class _ServerJudge:
+class _ServerJudge(BaseJudge):
     """Common parts: settings, client, concurrency, retries. Subclasses define ``_one``."""
 
     name = "server"
@@ -73,7 +75,7 @@ class _ServerJudge:
     http_client_factory: Callable[[], Any] | None = None
 
     def __init__(self, settings: Any):
-        self.settings = settings
+        super().__init__(settings)
         self.base_url = base_url_of(settings)
         self.retry_policy = RetryPolicy.from_settings(settings)
         self._model: str | None = None
@@ -84,8 +86,7 @@ class _ServerJudge:
             self._model = model_name(self.settings)
         return self._model
 
-    @property
-    def batch_size(self) -> int:
+    def batch_size(self, ctx: Any = None) -> int:
         # the pipeline caches after each batch; a batch fills the concurrency window
         return max(int(self.settings.judge_batch_size), int(self.settings.judge_concurrency))
 
@@ -123,7 +124,7 @@ class _ServerJudge:
             else:
                 score, reason, detail = None, oc.reason, dict(oc.detail or {})
             out.append(Judgment(generation_id=it.generation_id, metric=it.metric, score=score, reason=reason,
-                                judge=self.name, judge_model=model, detail=detail))
+                                judge=self.name, judge_model=model, detail=redact_obj(detail)))
         return out
 
 

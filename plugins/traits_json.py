@@ -9,6 +9,7 @@ The file format itself (reading, validation) is ``harness.core.traits``.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +38,46 @@ def default_trait_dirs(settings: Any) -> list[Path]:
     return dirs
 
 
+class TraitShadowWarning(UserWarning):
+    """A trait name is found in more than one place with different content; the first one is used."""
+
+
+def _canon(p: Path) -> Path:
+    """A trait's folder for ``<folder>/extract.json``; else the path itself, resolved."""
+    return (p.parent if p.name == "extract.json" else p).resolve()
+
+
+def _content(p: Path) -> bytes:
+    p = _canon(p)
+    files = [p / "extract.json", p / "eval.json"] if p.is_dir() else [p]
+    try:
+        return b"\0".join(f.read_bytes() if f.is_file() else b"" for f in files)
+    except OSError:
+        return b""
+
+
+def _add(found: dict[str, Path], name: str, path: Path) -> None:
+    """First place wins (--trait-file, --traits-dir, ./traits, the shipped traits); a later trait of the same
+    name with other content is named in a warning, never shadowed silently."""
+    first = found.setdefault(name, path)
+    if first is not path and _canon(first) != _canon(path) and _content(first) != _content(path):
+        warnings.warn(f"trait {name!r}: {first} is used; it shadows another trait of that name at {path}, which "
+                      "differs. Rename one of them to run both", TraitShadowWarning, stacklevel=2)
+
+
 def _find(settings: Any) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for f in getattr(settings, "trait_files", ()) or ():
         p = Path(f)
-        found.setdefault(trait_name_for(p) if p.is_file() else p.name, p)
+        _add(found, trait_name_for(p) if p.is_file() else p.name, p)
     for d in default_trait_dirs(settings):
         for sub in sorted(d.iterdir()):
             if sub.is_dir() and (sub / "extract.json").exists():
-                found.setdefault(sub.name, sub)
+                _add(found, sub.name, sub)
         pv = d / "trait_data_extract"
         if pv.is_dir():
             for f in sorted(pv.glob("*.json")):
-                found.setdefault(f.stem, f)
+                _add(found, f.stem, f)
     return found
 
 

@@ -192,7 +192,7 @@ def _vector_file(path: Path, shape) -> None:
     from harness.core.artifacts import save_vectors
     from harness.core.records import VectorSet
 
-    save_vectors(path, VectorSet(trait="t", model_id="m", tensors={"response_avg_diff": torch.zeros(shape)},
+    save_vectors(path, VectorSet(trait="t", model_id="m", tensors={"response_avg_diff": torch.ones(shape)},
                                  n_pos=1, n_neg=1))
 
 

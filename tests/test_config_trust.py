@@ -102,6 +102,9 @@ def test_remote_judge_base_url_from_explicit_config_flag_or_env_is_honoured(tmp_
         (tmp_path / "clean").mkdir()
         s = load_settings({}, environ={"PERSONA_HARNESS_JUDGE_BASE_URL": url}, cwd=tmp_path / "clean")
         assert s.judge_base_url == url
+        # the environment beats the discovered file too: the file's remote URL is not used, nothing to refuse
+        s = load_settings({}, environ={"PERSONA_HARNESS_JUDGE_BASE_URL": "http://127.0.0.1:8080/v1"}, cwd=tmp_path)
+        assert s.judge_base_url == "http://127.0.0.1:8080/v1"
 
 
 @pytest.mark.parametrize("url,host", [("http://127.0.0.1:8080/v1", "127.0.0.1"), ("http://localhost:8000/v1", "localhost"),

@@ -89,13 +89,37 @@ def test_cache_roundtrip_and_persistence(tmp_path):
     assert c2.count("generate") == 1
 
 
-def test_settings_precedence(tmp_path):
-    (tmp_path / "persona-harness.toml").write_text('max_new_tokens = 20\nseed = 3\n')
+def test_settings_precedence_command_line_then_environment_then_config_file_then_defaults(tmp_path):
+    (tmp_path / "persona-harness.toml").write_text('max_new_tokens = 20\nseed = 3\ntemperature = 0.5\n')
     env = {"PERSONA_HARNESS_MAX_NEW_TOKENS": "10", "PERSONA_HARNESS_SEED": "2", "PERSONA_HARNESS_TOP_P": "0.9"}
     s = load_settings({"seed": 4}, environ=env, cwd=tmp_path)
-    assert s.seed == 4  # flag beats file
-    assert s.max_new_tokens == 20  # file beats env
-    assert s.top_p == 0.9  # env beats default
+    assert s.seed == 4  # command line beats environment and file
+    assert s.max_new_tokens == 10  # environment beats file
+    assert s.temperature == 0.5  # file beats default
+    assert s.top_p == 0.9  # environment beats default
+    assert s.n_per_question == Settings().n_per_question  # nothing set: the default
+    # a setting from the file or the environment is explicit: the model's profile does not override it
+    (tmp_path / "persona-harness.toml").write_text('trait_threshold = 60\n')
+    assert load_settings({}, environ={}, cwd=tmp_path).trait_threshold == 60  # embedded profile would say 30
+    assert load_settings({}, environ={"PERSONA_HARNESS_TRAIT_THRESHOLD": "70"}, cwd=tmp_path).trait_threshold == 70
+
+
+def test_settings_precedence_through_the_cli_parser(tmp_path, monkeypatch):
+    """The same order as a user meets it: `persona-harness run ...` flags, exported variables, a
+    persona-harness.toml in the working directory."""
+    from harness.cli.main import build_parser
+    from harness.cli.options import GROUP_TITLE, settings_from_args
+
+    (tmp_path / "persona-harness.toml").write_text('model = "from-file"\nseed = 3\nmax_new_tokens = 20\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PERSONA_HARNESS_MODEL", "from-env")
+    monkeypatch.setenv("PERSONA_HARNESS_SEED", "2")
+    parser = build_parser()
+    s = settings_from_args(parser.parse_args(["run", "--trait", "x", "--seed", "9"]))
+    assert (s.seed, s.model, s.max_new_tokens) == (9, "from-env", 20)
+    monkeypatch.delenv("PERSONA_HARNESS_MODEL")
+    assert settings_from_args(parser.parse_args(["run", "--trait", "x"])).model == "from-file"
+    assert "flags > PERSONA_HARNESS_* environment > config file > defaults" in GROUP_TITLE
 
 
 def test_unknown_config_key_is_an_error(tmp_path):
@@ -144,16 +168,16 @@ def test_processes_opening_one_new_cache_at_once_all_succeed(tmp_path):
         assert Cache(d).count("generate") == 4
 
 
-def test_readme_states_the_embedded_profile_the_code_applies():
-    """README's "Embedded-model profile" paragraph must carry PROFILES["embedded"]'s values."""
+def test_docs_state_the_embedded_profile_the_code_applies():
+    """docs/method.md's "Embedded-model profile" section must carry PROFILES["embedded"]'s values."""
     import re
     from pathlib import Path
 
     from harness.core.config import PROFILES
 
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    para = text[text.index("### Embedded-model profile"):]
-    para = " ".join(para[: para.index("\n## ")].split())
+    text = (Path(__file__).resolve().parent.parent / "docs" / "method.md").read_text()
+    para = text[text.index("## Embedded-model profile"):]
+    para = " ".join(re.split(r"\n#{1,2} ", para[2:], maxsplit=1)[0].split())
     p = PROFILES["embedded"]
     assert f"T = {p['trait_threshold']:g}" in para
     assert f"C = {p['coherence_threshold']:g}" in para

@@ -11,7 +11,8 @@ import pytest
 
 from harness.core.errors import HarnessError
 from harness.analysis.layers import recommend_layer
-from harness.analysis.monitor import auroc, cohens_d, project_records, separation
+from harness.analysis.metrics import auroc, cohens_d
+from harness.analysis.monitor import project_records, separation
 
 
 # -- statistics -----------------------------------------------------------------------------------

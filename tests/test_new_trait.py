@@ -221,14 +221,14 @@ def test_new_trait_cli_then_validate_and_run_real_server(llama_server, tmp_path,
 
 
 def test_trait_source_plugin_example_from_the_docs(tmp_path, monkeypatch):
-    """The SQLite trait-source example in README.md ("Traits from elsewhere"), run as written."""
+    """The SQLite trait-source example in docs/judges.md ("Traits from elsewhere"), run as written."""
     import re
     import sqlite3
 
     from harness.core.errors import TraitFileError
     from harness.core.plugins import get_plugin_manager
 
-    doc = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "judges.md").read_text()
     [code] = [b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if b.startswith("# my_traits_plugin.py")]
     (tmp_path / "my_traits_plugin.py").write_text(code)
     monkeypatch.chdir(tmp_path)

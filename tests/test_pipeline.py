@@ -46,7 +46,9 @@ def test_rerun_hits_cache_and_recomputes_nothing(tmp_path, tiny_pm, mini_trait_d
     s = _settings(tmp_path, mini_trait_dir)
     first = run_trait("mini", s, pm=tiny_pm)
 
-    class Boom:
+    from harness.core.protocols import BaseGenerator
+
+    class Boom(BaseGenerator):
         name = "hf"
 
         def __init__(self, settings):

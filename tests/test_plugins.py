@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from harness import hookimpl
-from harness.core.errors import UnknownComponentError
+from harness.core.errors import HarnessError, UnknownComponentError
 from harness.core.plugins import DEFAULT_PLUGINS, build_registry, get_plugin_manager, plugin_info
 from harness.core.records import Judgment
 
@@ -102,6 +102,9 @@ class MyJudge:
 
     def config(self):
         return {}
+
+    def batch_size(self, ctx):
+        return 8
 
     def judge(self, items, ctx):
         return [Judgment(generation_id=i.generation_id, metric=i.metric, score=50.0) for i in items]
@@ -262,3 +265,40 @@ def test_unimportable_plugin_module_is_a_clear_error():
 
     with pytest.raises(HarnessError, match="cannot import"):
         get_plugin_manager(entrypoints=False, modules=["no_such_module_xyz"])
+
+
+def test_a_component_that_misses_a_protocol_member_is_a_clear_error(pm):
+    """Every registry product is checked against its kind's protocol: the error names plugin and member."""
+
+    class Half:  # a judge without batch_size and config
+        name, model_id = "half", "m"
+
+        def __init__(self, settings):
+            pass
+
+        def judge(self, items, ctx):  # pragma: no cover - never called
+            return []
+
+    class Reg:
+        @hookimpl
+        def harness_register_judges(self, register):
+            register("half", Half)
+
+    pm.register(Reg(), name="half-plugin")
+    reg = build_registry(pm, "judge")
+    with pytest.raises(HarnessError, match=r"judge 'half' from plugin half-plugin.*Judge protocol \(missing config, "
+                                           r"batch_size\)"):
+        reg.create("half", None)
+
+
+def test_every_builtin_component_satisfies_its_protocol(pm):
+    from harness.core.config import Settings
+    from harness.core.protocols import PROTOCOLS
+
+    for kind, proto in PROTOCOLS.items():
+        reg = build_registry(pm, kind)
+        assert reg.names(), kind
+        for name in reg.names():
+            obj = reg.create(name, Settings())
+            assert isinstance(obj, proto), (kind, name)
+            assert isinstance(obj.config(), dict) and obj.name

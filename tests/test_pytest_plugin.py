@@ -21,14 +21,14 @@ import torch  # noqa: F401  pytester's in-process runs unload modules first impo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.analysis import checks
+from harness.analysis import checks, metrics
 from harness.core.errors import HarnessError
 
 pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCEPTANCE = (ROOT / "traits" / "test_acceptance.py").read_text(encoding="utf-8")
-#: what another project's traits/test_acceptance.py holds (README, "In another project")
+#: what another project's traits/test_acceptance.py holds (docs/acceptance.md, "In another project")
 ONE_LINE_MODULE = "from harness.acceptance import *  # noqa: F401,F403\n"
 
 
@@ -41,15 +41,20 @@ def _auroc_bruteforce(pos, neg):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(-5, 5), min_size=1, max_size=12), st.lists(st.integers(-5, 5), min_size=1, max_size=12))
 def test_auroc_equals_pairwise_definition_with_ties(pos, neg):
-    assert checks.auroc(pos, neg) == pytest.approx(_auroc_bruteforce(pos, neg))
+    assert metrics.auroc(pos, neg) == pytest.approx(_auroc_bruteforce(pos, neg))
 
 
 def test_auroc_extremes_and_needs_both_classes():
-    assert checks.auroc([3, 4], [1, 2]) == 1.0
-    assert checks.auroc([1, 2], [3, 4]) == 0.0
-    assert checks.auroc([1, 1], [1, 1]) == 0.5
+    import math
+
+    import torch
+
+    assert metrics.auroc([3, 4], [1, 2]) == 1.0
+    assert metrics.auroc([1, 2], [3, 4]) == 0.0
+    assert metrics.auroc([1, 1], [1, 1]) == 0.5
+    assert math.isnan(metrics.auroc([], [1.0]))  # undefined: the metric says nan, the check refuses
     with pytest.raises(HarnessError, match="both classes"):
-        checks.auroc([], [1.0])
+        checks.per_layer_auroc(torch.zeros(0, 3, 2), torch.zeros(2, 3, 2), torch.ones(3, 2))
 
 
 def test_norm_peak_excludes_embedding_and_final_norm_indices():
@@ -63,12 +68,22 @@ def test_norm_peak_excludes_embedding_and_final_norm_indices():
         checks.norm_peak([1.0, float("nan"), 1.0, 1.0])
 
 
+def test_norm_peak_on_the_relative_norm_reports_the_raw_peak_beside_it():
+    # the raw norm grows with depth (peak at 3); relative to the activation norm it peaks at 1
+    norms, acts = [1.0, 2.0, 3.0, 4.0, 9.0], [1.0, 1.0, 6.0, 16.0, 1.0]
+    peak = checks.norm_peak(norms, acts)
+    assert peak["basis"] == "relative" and peak["peak_layer"] == 1 and peak["raw_peak_layer"] == 3
+    assert peak["relative_depth"] == 0.25 and peak["raw_relative_depth"] == 0.75
+    with pytest.raises(HarnessError, match="activation norms for 2 layers"):
+        checks.norm_peak(norms, [1.0, 1.0])
+
+
 def test_layer_norms_tensor_and_list_agree():
     import torch
 
     v = torch.tensor([[3.0, 4.0], [0.0, 1.0], [6.0, 8.0]])
-    assert checks.layer_norms(v) == pytest.approx([5.0, 1.0, 10.0])
-    assert checks.layer_norms(v.tolist()) == pytest.approx([5.0, 1.0, 10.0])
+    assert metrics.layer_norms(v) == pytest.approx([5.0, 1.0, 10.0])
+    assert metrics.layer_norms(v.tolist()) == pytest.approx([5.0, 1.0, 10.0])
 
 
 def test_projection_auroc_separates_along_the_vector_only():
@@ -161,8 +176,7 @@ def test_acceptance_checks_live_in_the_package_and_the_repo_module_only_imports_
 
     from harness import acceptance
 
-    assert set(acceptance.__all__) == {"pytestmark", "test_score_gap", "test_norm_peak", "test_projection_auroc",
-                                       "test_reference_cosine"}
+    assert set(acceptance.__all__) == {"pytestmark", *(f"test_{c}" for c in ALL_CHECKS)}
     body = [n for n in ast.parse(ACCEPTANCE).body
             if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]  # minus the docstring
     assert [ast.unparse(n) for n in body] == ["from harness.acceptance import *"]
@@ -175,15 +189,15 @@ def test_shipped_checks_files_are_valid():
             checks.thresholds_for(data, model, f)
 
 
-def test_readme_thresholds_example_is_the_shipped_sycophantic_file():
+def test_docs_thresholds_example_is_the_shipped_sycophantic_file():
     import re
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### Thresholds: `traits/<name>/checks.json`", 1)[1].split("\n### ", 1)[0]
+    doc = (ROOT / "docs" / "acceptance.md").read_text(encoding="utf-8")
+    section = re.split(r"\n#{1,3} ", doc.split("## Thresholds: `traits/<name>/checks.json`", 1)[1], maxsplit=1)[0]
     shown = json.loads(re.search(r"```json\n(.*?)\n```", section, re.S).group(1))
     shipped = checks.load_checks_file(ROOT / "traits" / "sycophantic" / "checks.json")
 
-    def values(data):  # thresholds only: the README shortens the notes
+    def values(data):  # thresholds only: the docs shorten the notes
         return {b: {k: v for k, v in blk.items() if not k.startswith("_")} for b, blk in data.items()
                 if not b.startswith("_")}
 
@@ -239,14 +253,44 @@ def trait_run(trait_spec):
     return RunResult(trait_spec, Path("."), gens, js, sel, vs, {})
 
 
-@pytest.fixture(scope="session")
-def eval_activations():
+def _eval_set(seed):
     import torch
-    g = torch.Generator().manual_seed(0)
+    from harness.analysis.checks import EvalSet
+    g = torch.Generator().manual_seed(seed)
     pos, neg = torch.randn(20, L + 1, H, generator=g), torch.randn(20, L + 1, H, generator=g)
     pos[:, :, 0] += SCEN["sep"]
     neg[:, :, 0] -= SCEN["sep"]
-    return {"pos": pos, "neg": neg}
+    qs = [f"q{i // 2}" for i in range(20)]  # 10 questions, 2 responses each per polarity
+    # judged scores follow the projection (pos high, neg low) unless the scenario says otherwise
+    ps = [SCEN["pos_score"] + float(pos[i, SCEN["peak"], 0]) for i in range(20)]
+    ns = [SCEN["neg_score"] + float(neg[i, SCEN["peak"], 0]) for i in range(20)]
+    if SCEN.get("scores_random"):
+        r = torch.Generator().manual_seed(7)
+        ps = [float(x) for x in torch.rand(20, generator=r) * 100]
+        ns = [float(x) for x in torch.rand(20, generator=r) * 100]
+    return EvalSet(pos, neg, qs, list(qs), ps, ns)
+
+
+@pytest.fixture(scope="session")
+def eval_set():
+    return _eval_set(0)
+
+
+@pytest.fixture(scope="session")
+def eval_set_neutral():
+    return _eval_set(1)
+
+
+@pytest.fixture(scope="session")
+def eval_judged():
+    return bool(SCEN.get("judged", True))
+
+
+@pytest.fixture(scope="session")
+def other_trait_vectors():
+    if SCEN.get("other_axis") is None:
+        return {}
+    return {"other": _vec(SCEN["peak"], SCEN["other_axis"])}
 
 
 if not SCEN.get("real_reference"):  # else the plugin's fixture reads traits/<name>/reference/
@@ -258,9 +302,12 @@ if not SCEN.get("real_reference"):  # else the plugin's fixture reads traits/<na
         return VectorSet(trait_spec.name, "m", {"response_avg_diff": _vec(SCEN["peak"], SCEN["ref_axis"])}, 5, 5)
 '''
 
-GOOD = {"pos_score": 80, "neg_score": 10, "kept": 5, "peak": 2, "sep": 3.0, "ref_axis": 0}
+GOOD = {"pos_score": 80, "neg_score": 10, "kept": 5, "peak": 2, "sep": 3.0, "ref_axis": 0, "other_axis": 1}
 CHECKS = {"default": {"score_gap": 30, "effective_pair_rate": 0.3, "norm_peak_band": [0.4, 0.8], "auroc": 0.8,
+                      "heldout_cosine": 0.8, "specificity_margin": 0.2, "score_correlation": 0.5,
                       "reference_cosine": 0.9, "layer": "auto"}}
+ALL_CHECKS = ("score_gap", "norm_peak", "projection_auroc", "heldout_cosine", "specificity", "score_correlation",
+              "reference_cosine")
 
 
 def _trait_files(d: Path, name: str = "mini", checks_data: dict | None = None) -> None:
@@ -292,10 +339,46 @@ def project(pytester):
 def test_options_are_registered_in_help(pytester):
     res = pytester.runpytest("--help")
     out = res.stdout.str()
-    for opt in ("--trait=NAME", "--model", "--judge", "--judge-base-url", "--harness-cache", "--harness-run-dir",
-                "--harness-traits-dir", "--harness-report", "--harness-judge-eval", "--update-reference",
-                "harness_traits_dir"):
+    for opt in ("--trait=NAME", "--harness-model", "--harness-judge", "--harness-judge-model",
+                "--harness-judge-base-url", "--harness-cache", "--harness-run-dir", "--harness-traits-dir",
+                "--harness-report", "--harness-judge-eval", "--harness-update-reference", "harness_traits_dir"):
         assert opt in out, opt
+    # nothing generic that another project's conftest may define: every option but --trait is prefixed
+    import re
+
+    group = out.split("persona-harness acceptance checks", 1)[1].split("\n\n", 1)[0]
+    opts = re.findall(r"^\s+(--[a-z][a-z-]*)", group, re.M)
+    assert opts and all(o == "--trait" or o.startswith("--harness-") for o in opts), opts
+    for old in ("--model", "--judge", "--judge-model", "--judge-base-url", "--update-reference"):
+        assert not re.search(rf"^\s+{old}[ =]", group, re.M), old
+
+
+def test_a_project_whose_conftest_defines_model_judge_and_device_runs_beside_the_plugin(pytester):
+    """The plugin is loaded into every pytest session of an environment that has the package; an ML
+    project's own --model / --judge / --device options must not collide with it."""
+    pytester.makeconftest('''
+import pytest
+
+def pytest_addoption(parser):
+    parser.addoption("--model", default="gpt2")
+    parser.addoption("--judge", default="none")
+    parser.addoption("--device", default="cpu")
+    parser.addoption("--judge-model", default="j")
+    parser.addoption("--update-reference", action="store_true")
+
+@pytest.fixture
+def opts(pytestconfig):
+    return {k: pytestconfig.getoption(k) for k in ("model", "judge", "device", "judge_model", "update_reference")}
+''')
+    pytester.makepyfile(test_own="def test_own(opts):\n    assert opts == {'model': 'bert', 'judge': 'none', "
+                                 "'device': 'cuda:1', 'judge_model': 'j', 'update_reference': True}\n")
+    # --harness-judge-eval: an option only the plugin knows, so the plugin is loaded in these runs
+    res = pytester.runpytest("--model", "bert", "--device", "cuda:1", "--update-reference", "--harness-judge-eval")
+    res.assert_outcomes(passed=1)
+    # and in a subprocess, as the project's CI would run it (the entry point loads the plugin)
+    res = pytester.runpytest_subprocess("--model", "bert", "--device=cuda:1", "--update-reference",
+                                        "--harness-judge-eval")
+    res.assert_outcomes(passed=1)
 
 
 def test_unknown_trait_is_a_usage_error_listing_known_traits(pytester):
@@ -333,20 +416,24 @@ def test_without_trait_option_the_plugin_is_a_noop_and_trait_tests_skip(pytester
     assert "persona-harness acceptance" not in res.stdout.str()
 
 
-def test_good_synthetic_data_passes_all_four_checks_with_table_junit_and_json(project, pytester):
+def test_good_synthetic_data_passes_every_check_with_table_intervals_junit_and_json(project, pytester):
     xml = pytester.path / "out.xml"
     report = pytester.path / "report.json"
     res = project(None, f"--junitxml={xml}", f"--harness-report={report}")
-    res.assert_outcomes(passed=4)
+    res.assert_outcomes(passed=len(ALL_CHECKS))
     out = res.stdout.str()
     assert "persona-harness acceptance: model smollm2" in out
     res.stdout.fnmatch_lines([
-        "trait*check*metric*value*threshold*result",
-        "mini*score_gap*score_gap*70.0*>= 30.0*pass",
+        "trait*check*metric*value ?95% CI?*threshold*result",
+        "mini*score_gap*score_gap*70.0 ?70.0, 70.0?*>= 30.0*pass",
         "mini*score_gap*effective_pair_rate*0.500*>= 0.300*pass",
         "mini*norm_peak*relative_depth*0.500*in ?0.400, 0.800? *pass",
-        "mini*projection_auroc*auroc*>= 0.800*pass",
-        "mini*reference_cosine*cosine*1.000*>= 0.900*pass",
+        "mini*projection_auroc*auroc*?*,*?*>= 0.800*pass",
+        "mini*projection_auroc*auroc_in_context*",
+        "mini*heldout_cosine*heldout_cosine*>= 0.800*pass",
+        "mini*specificity*specificity_margin*>= 0.200*pass",
+        "mini*score_correlation*pearson*>= 0.500*pass",
+        "mini*reference_cosine*min_inner_cosine*1.000*>= 0.900*pass",
         "mini: per-layer AUROC on the eval split*",
         f"JSON report: {report}",
     ])
@@ -355,30 +442,57 @@ def test_good_synthetic_data_passes_all_four_checks_with_table_junit_and_json(pr
     assert props["mini.score_gap.score_gap.threshold"] == ">= 30.0"
     assert float(props["mini.norm_peak.relative_depth"]) == 0.5
     assert float(props["mini.projection_auroc.auroc"]) > 0.8
-    assert float(props["mini.reference_cosine.cosine"]) == pytest.approx(1.0)
+    lo, hi = (float(x) for x in props["mini.projection_auroc.auroc.ci95"].split(".."))
+    assert 0.8 <= lo <= float(props["mini.projection_auroc.auroc"]) <= hi <= 1.0
+    assert float(props["mini.reference_cosine.min_inner_cosine"]) == pytest.approx(1.0)
     data = json.loads(report.read_text())
     assert data["format"] == "persona-harness-acceptance/1" and data["model"] == "smollm2"
     t = data["traits"]["mini"]
     assert t["passed"] is True
-    assert set(t["checks"]) == {"score_gap", "norm_peak", "projection_auroc", "reference_cosine"}
+    assert set(t["checks"]) == set(ALL_CHECKS)
     assert all(c["outcome"] == "passed" for c in t["checks"].values())
+    auroc = next(m for m in t["checks"]["projection_auroc"]["metrics"] if m["name"] == "auroc")
+    assert len(auroc["ci"]) == 2 and auroc["ci"][0] <= auroc["value"] <= auroc["ci"][1]
     assert len(t["auroc_per_layer"]) == 5 and t["thresholds"]["score_gap"] == 30.0
+    assert set(t["specificity_matrix"]["auroc"]) == {"mini", "other"}
 
 
 @pytest.mark.parametrize("scenario, failing, message", [
-    ({"pos_score": 50, "neg_score": 40}, "test_score_gap", "*score gap 10.0*< 30.0*"),
+    ({"pos_score": 50, "neg_score": 40}, "test_score_gap", "*score gap 10.0*lower bound < 30.0*"),
     ({"kept": 1}, "test_score_gap", "*effective-pair rate 0.100 (1 of 10*< 0.3*"),
-    ({"peak": 1}, "test_norm_peak", "*norm peak at layer 1 of 4 (relative depth 0.250) is outside*"),
-    ({"sep": 0.0}, "test_projection_auroc", "*eval-split AUROC*< 0.8*"),
-    ({"sep": -3.0}, "test_projection_auroc", "*eval-split AUROC 0.000*"),
-    ({"ref_axis": 1}, "test_reference_cosine", "*cosine to the reference 0.000 at layer 2 < 0.9*"),
-], ids=["gap", "pair-rate", "norm-peak", "auroc-random", "auroc-reversed", "cosine"])
+    ({"peak": 1}, "test_norm_peak", "*relative-norm peak at layer 1 of 4 (relative depth 0.250) is outside*"),
+    ({"other_axis": 0}, "test_specificity", "*own AUROC 1.000 minus best other trait's 1.000*lower bound < 0.2*"),
+    ({"scores_random": True}, "test_score_correlation", "*Pearson r*lower bound < 0.5*"),
+    ({"ref_axis": 1}, "test_reference_cosine", "*cosine to the reference 0.000 at layer 1 < 0.9*"),
+], ids=["gap", "pair-rate", "norm-peak", "specificity", "correlation", "cosine"])
 def test_each_check_fails_on_data_that_must_fail(project, scenario, failing, message):
     res = project(scenario, "-rf")
-    res.assert_outcomes(passed=3, failed=1)
+    res.assert_outcomes(passed=len(ALL_CHECKS) - 1, failed=1)
     res.stdout.fnmatch_lines([f"FAILED*{failing}*"])
     res.stdout.fnmatch_lines([message])
     res.stdout.fnmatch_lines(["mini*FAIL"])  # the summary table marks the failing metric
+
+
+@pytest.mark.parametrize("scenario", [{"sep": 0.0}, {"sep": -3.0}], ids=["random", "reversed"])
+def test_separation_failures_fail_auroc_heldout_cosine_and_correlation(project, scenario):
+    res = project(scenario, "-rf")
+    res.stdout.fnmatch_lines(["*eval-split AUROC (neutral prompt)*lower bound < 0.8*"])
+    res.stdout.fnmatch_lines(["FAILED*test_projection_auroc*"])
+    res.stdout.fnmatch_lines(["FAILED*test_heldout_cosine*"])
+    outcomes = res.parseoutcomes()
+    assert outcomes.get("failed", 0) >= 2 and outcomes.get("passed", 0) >= 3
+
+
+def test_correlation_check_skips_when_the_eval_split_was_not_judged(project):
+    res = project({"judged": False}, "-rs")
+    res.assert_outcomes(passed=len(ALL_CHECKS) - 1, skipped=1)
+    res.stdout.fnmatch_lines(["SKIPPED*the evaluation split was not judged: pass --harness-judge-eval*"])
+
+
+def test_specificity_skips_without_another_trait_vector(project):
+    res = project({"other_axis": None}, "-rs")
+    res.assert_outcomes(passed=len(ALL_CHECKS) - 1, skipped=1)
+    res.stdout.fnmatch_lines(["SKIPPED*no other trait's vector for this model*"])
 
 
 def test_null_score_gap_threshold_is_informational_reported_and_skipped(project, pytester):
@@ -387,12 +501,13 @@ def test_null_score_gap_threshold_is_informational_reported_and_skipped(project,
     (pytester.path / "mytraits" / "mini" / "checks.json").write_text(json.dumps(checks_data))
     report = pytester.path / "report.json"
     res = project({"pos_score": 50, "neg_score": 52}, "-rs", f"--harness-report={report}")  # gap -2: not enforced
-    res.assert_outcomes(passed=3, skipped=1)
+    res.assert_outcomes(passed=len(ALL_CHECKS) - 1, skipped=1)
     res.stdout.fnmatch_lines([
         "mini*score_gap*score_gap*-2.000*none (informational)*info",
         "mini*score_gap*effective_pair_rate*0.500*>= 0.300*pass",
         "SKIPPED*informational for model block 'smollm2' (score_gap: null in "
-        f"checks.json, not enforced): measured score gap -2.00 (pos mean 50.00, neg mean 52.00, extraction split)*"
+        f"checks.json, not enforced): measured score gap -2.00 (95% CI -2.00..-2.00, pos mean 50.00, neg mean 52.00, "
+        "extraction split)*"
         f"Why: {why}*",
     ])
     t = json.loads(report.read_text())["traits"]["mini"]
@@ -401,17 +516,17 @@ def test_null_score_gap_threshold_is_informational_reported_and_skipped(project,
     assert t["thresholds"]["score_gap"] is None
     # the check's other threshold is still enforced
     res = project({"pos_score": 50, "neg_score": 52, "kept": 1}, "-rf")
-    res.assert_outcomes(passed=3, failed=1)
+    res.assert_outcomes(passed=len(ALL_CHECKS) - 1, failed=1)
     res.stdout.fnmatch_lines(["*effective-pair rate 0.100 (1 of 10*< 0.3*"])
     # another model's block (none: the default's real threshold) still fails the same gap
-    res = project({"pos_score": 50, "neg_score": 52}, "--model", "Qwen/Qwen2.5-7B-Instruct", "-rf")
-    res.assert_outcomes(passed=3, failed=1)
-    res.stdout.fnmatch_lines(["*score gap -2.0*< 30.0*"])
+    res = project({"pos_score": 50, "neg_score": 52}, "--harness-model", "Qwen/Qwen2.5-7B-Instruct", "-rf")
+    res.assert_outcomes(passed=len(ALL_CHECKS) - 1, failed=1)
+    res.stdout.fnmatch_lines(["*score gap -2.0*lower bound < 30.0*", "FAILED*test_score_gap*"])
 
 
 def test_missing_reference_skips_with_the_command_that_writes_it(project):
     res = project({"ref_axis": None}, "-rs")
-    res.assert_outcomes(passed=3, skipped=1)
+    res.assert_outcomes(passed=len(ALL_CHECKS) - 1, skipped=1)
     res.stdout.fnmatch_lines(["*persona-harness reference --trait mini*"])
 
 
@@ -419,31 +534,35 @@ def test_model_thresholds_override_default(project, pytester):
     checks_data = {**CHECKS, "smollm2": {"score_gap": 80}}
     (pytester.path / "mytraits" / "mini" / "checks.json").write_text(json.dumps(checks_data))
     res = project(None)
-    res.assert_outcomes(passed=3, failed=1)
+    res.assert_outcomes(passed=len(ALL_CHECKS) - 1, failed=1)
     res.stdout.fnmatch_lines(["mini*score_gap*score_gap*70.0*>= 80.0*FAIL"])
-    # --model picks another block (here: none, so the default applies)
-    res = project(None, "--model", "Qwen/Qwen2.5-7B-Instruct")
-    res.assert_outcomes(passed=4)
+    # --harness-model picks another block (here: none, so the default applies)
+    res = project(None, "--harness-model", "Qwen/Qwen2.5-7B-Instruct")
+    res.assert_outcomes(passed=len(ALL_CHECKS))
 
 
 def test_update_reference_writes_the_file_that_later_runs_compare_with(project, pytester):
     ref = pytester.path / "mytraits" / "mini" / "reference" / "smollm2.safetensors"
     res = project({"real_reference": True}, "-rs")
-    res.assert_outcomes(passed=3, skipped=1)  # no reference yet
-    res = project({"real_reference": True}, "--update-reference")
-    res.assert_outcomes(passed=4)
+    res.assert_outcomes(passed=len(ALL_CHECKS) - 1, skipped=1)  # no reference yet
+    res = project({"real_reference": True}, "--harness-update-reference")
+    res.assert_outcomes(passed=len(ALL_CHECKS))
     res.stdout.fnmatch_lines([f"mini: reference written to {ref}"])
     vs = checks.load_reference(ref)
     assert vs.metadata["reference_of"] == "mini" and json.loads(vs.metadata["settings"])["model"] == "smollm2"
     assert tuple(vs[checks.REFERENCE_METHOD].shape) == (5, 8)
     res = project({"real_reference": True})
-    res.assert_outcomes(passed=4)
-    res = project({"real_reference": True, "peak": 3})  # norm peak moves: cosine at the new layer still 1
-    res.assert_outcomes(passed=4)
-    res.stdout.fnmatch_lines(["mini*norm_peak*peak_layer*3", "mini*reference_cosine*layer*3",
-                              "mini*reference_cosine*cosine*1.000*>= 0.900*pass"])
+    res.assert_outcomes(passed=len(ALL_CHECKS))
+    res.stdout.fnmatch_lines(["mini*reference_cosine*reproducible*True",
+                              "mini*reference_cosine*max_relative_error*0.000*<= 0.001*pass"])
+    # same settings and seed, but the vector changed (its norm peak moved): the cosine holds at every
+    # layer, and the reproducibility check catches the change
+    res = project({"real_reference": True, "peak": 3}, "-rf")
+    res.assert_outcomes(passed=len(ALL_CHECKS) - 1, failed=1)
+    res.stdout.fnmatch_lines(["mini*norm_peak*peak_layer*3", "mini*reference_cosine*min_inner_cosine*1.000*pass",
+                              "*same trait, settings and seed*not reproducible here*"])
     res = project({"real_reference": True, "sep": 3.0, "pos_score": 80})
-    res.assert_outcomes(passed=4)
+    res.assert_outcomes(passed=len(ALL_CHECKS))
 
 
 def test_reference_command_is_registered_on_the_cli():
@@ -477,6 +596,9 @@ class FakeJudge:
     def config(self):
         return {}
 
+    def batch_size(self, ctx):
+        return 8
+
     def judge(self, items, ctx):
         from harness.core.records import Judgment
 
@@ -505,9 +627,10 @@ class _ConfigurePlugin:
 def test_real_pipeline_on_tiny_model_fake_judge_runs_each_stage_once_and_reuses_cache(pytester, tiny_lm):
     """The plugin's own fixtures end to end on a tiny random model (mechanics only) with a fake
     judge added through the historic pytest_harness_configure hook: the eval split is generated
-    but not judged, a rerun takes every generation from the cache, and --update-reference works."""
+    but not judged, a rerun takes every generation from the cache, and --harness-update-reference works."""
     _trait_files(pytester.path / "traits", "mini", {"default": {"score_gap": 50, "effective_pair_rate": 0.5,
-                                                                "norm_peak_band": [0.0, 1.0], "auroc": 0.0}})
+                                                                "norm_peak_band": [0.0, 1.0], "auroc": 0.0,
+                                                                "heldout_cosine": -1.0}})
     (pytester.path / "traits" / "test_project_acceptance.py").write_text(ACCEPTANCE)
     (pytester.path / "persona-harness.toml").write_text(
         'judge = "fake"\nmax_new_tokens = 4\nn_per_question = 1\nextract_batch_size = 4\n')
@@ -515,20 +638,27 @@ def test_real_pipeline_on_tiny_model_fake_judge_runs_each_stage_once_and_reuses_
     args = ("traits", "--trait", "mini", "-p", "no:cacheprovider", f"--harness-report={report}", "-rs")
     calls: list = []
     res = pytester.runpytest(*args, plugins=[_ConfigurePlugin(tiny_lm, calls)])
-    res.assert_outcomes(passed=3, skipped=1)  # no reference yet
+    # no reference yet; no other trait's vector of this shape; the eval split is not judged
+    res.assert_outcomes(passed=4, skipped=3)
     assert calls and all("_extract_" in c for c in calls)  # eval-split answers are not judged
     data = json.loads(report.read_text())["traits"]["mini"]
     assert data["timings"]["generate_cached"] == 0 and data["pairs"] == {"kept": 2, "candidates": 2, "rate": 1.0}
-    run_dir = pytester.path / "runs" / "smollm2" / "mini"
-    assert (run_dir / "vectors.safetensors").exists() and (run_dir / "eval_activations.safetensors").exists()
+    from harness.core.runs import read_latest, resolve_run_dir
+
+    run_dir = read_latest(pytester.path / "runs" / "smollm2" / "mini")  # each session: a new run folder
+    assert run_dir == resolve_run_dir(pytester.path / "runs" / "smollm2" / "mini") == Path(data["run_dir"])
+    assert (run_dir / "vectors.safetensors").exists() and (run_dir / "run.json").exists()
     calls.clear()
-    res = pytester.runpytest(*args, "--update-reference", plugins=[_ConfigurePlugin(tiny_lm, calls)])
-    res.assert_outcomes(passed=4)
+    res = pytester.runpytest(*args, "--harness-update-reference", plugins=[_ConfigurePlugin(tiny_lm, calls)])
+    res.assert_outcomes(passed=5, skipped=2)
     assert calls == []  # every judgment came from the cache
     data = json.loads(report.read_text())["traits"]["mini"]
     assert data["timings"]["generate_cached"] == 4  # extraction split: 2 questions x 1 pair x pos/neg
-    assert data["checks"]["reference_cosine"]["metrics"][-1]["value"] == pytest.approx(1.0)
+    ref_metrics = {m["name"]: m["value"] for m in data["checks"]["reference_cosine"]["metrics"]}
+    assert ref_metrics["min_inner_cosine"] == pytest.approx(1.0) and ref_metrics["reproducible"] is True
     assert (pytester.path / "traits" / "mini" / "reference" / "smollm2.safetensors").exists()
+    second = read_latest(pytester.path / "runs" / "smollm2" / "mini")  # the first run is kept, not overwritten
+    assert second != run_dir and second == Path(data["run_dir"]) and (run_dir / "vectors.safetensors").exists()
 
 
 def test_another_project_with_only_the_one_line_module_runs_the_packaged_checks(pytester, tiny_lm):
@@ -536,7 +666,8 @@ def test_another_project_with_only_the_one_line_module_runs_the_packaged_checks(
     (no conftest, no copy of the checks) gets all four checks from the installed package."""
     assert ROOT not in pytester.path.parents
     _trait_files(pytester.path / "traits", "mini", {"default": {"score_gap": 50, "effective_pair_rate": 0.5,
-                                                                "norm_peak_band": [0.0, 1.0], "auroc": 0.0}})
+                                                                "norm_peak_band": [0.0, 1.0], "auroc": 0.0,
+                                                                "heldout_cosine": -1.0}})
     # own basename: in one pytest process with this repo's traits/ the module name test_acceptance is taken
     (pytester.path / "traits" / "test_project_acceptance.py").write_text(ONE_LINE_MODULE)
     (pytester.path / "persona-harness.toml").write_text(
@@ -544,12 +675,13 @@ def test_another_project_with_only_the_one_line_module_runs_the_packaged_checks(
     assert sorted(p.name for p in pytester.path.rglob("*") if p.is_file()) == [
         "checks.json", "eval.json", "extract.json", "persona-harness.toml", "test_project_acceptance.py"]
     args = ("traits", "--trait", "mini", "-p", "no:cacheprovider", "-v", "-rs")
-    res = pytester.runpytest(*args, "--update-reference", plugins=[_ConfigurePlugin(tiny_lm, [])])
-    res.assert_outcomes(passed=4)
+    res = pytester.runpytest(*args, "--harness-update-reference", plugins=[_ConfigurePlugin(tiny_lm, [])])
+    res.assert_outcomes(passed=5, skipped=2)
     res.stdout.fnmatch_lines([f"traits/test_project_acceptance.py::{t}[[]mini[]] PASSED*" for t in
-                              ("test_score_gap", "test_norm_peak", "test_projection_auroc", "test_reference_cosine")])
+                              ("test_score_gap", "test_norm_peak", "test_projection_auroc", "test_heldout_cosine",
+                               "test_reference_cosine")])
     res.stdout.fnmatch_lines(["*persona-harness acceptance: model smollm2*judge fake*",
                               "mini*score_gap*score_gap*>= 50.0*pass"])
     assert (pytester.path / "traits" / "mini" / "reference" / "smollm2.safetensors").exists()
     res = pytester.runpytest(*args, "-m", "acceptance", plugins=[_ConfigurePlugin(tiny_lm, [])])
-    res.assert_outcomes(passed=4)  # the module-level acceptance mark comes along with the import
+    res.assert_outcomes(passed=5, skipped=2)  # the module-level acceptance mark comes along with the import

@@ -75,7 +75,9 @@ def test_sweep_rerun_uses_the_cache(tiny_run):
     run_dir, s, pm = tiny_run
     run_sweep(run_dir, s, pm=pm, layers=[2], coefs=[0, 3], n_questions=1, max_new_tokens=3, write=False)
 
-    class Boom:
+    from harness.core.protocols import BaseGenerator
+
+    class Boom(BaseGenerator):
         name = "hf"
         needs_model = True
 

@@ -108,18 +108,28 @@ def test_generator_that_reorders_rows_is_steered_one_cell_at_a_time(tiny_pm, tin
 def test_hook_refuses_per_row_coefficients_without_the_row_order(tiny_lm):
     """Under a loop that calls the blocks itself (the engine) and does not say which request each row is,
     per-row coefficients are refused; scalar coefficients are fine."""
-    from harness.analysis.steering import direct_call, steer
+    from harness.analysis.steering import steer
+    from harness.models.blockcall import BlockCall
 
+    base = tiny_lm.model.model
     ids = torch.ones((2, 4), dtype=torch.long)
     v = torch.ones(tiny_lm.hidden_size)
-    with steer(tiny_lm, v, [1.0, 2.0], layers=1), direct_call(prefill=True), torch.inference_mode():
+
+    def call_block(call):  # block 0 (steered at layer 1), called as such a loop calls it
+        with torch.inference_mode():
+            h = base.embed_tokens(ids)
+            pe = base.rotary_emb(h, torch.arange(4)[None].expand(2, 4))
+            base.layers[0](h, attention_mask=None, position_embeddings=pe, **call.kwargs())
+
+    with steer(tiny_lm, v, [1.0, 2.0], layers=1):
         with pytest.raises(HarnessError, match="row order"):
-            tiny_lm.model(input_ids=ids)
-    with steer(tiny_lm, v, [1.0, 2.0, 3.0], layers=1), direct_call(prefill=True, rows=[1, 0], n=2):
-        with pytest.raises(HarnessError, match="3 per-row values but the batch has 2 rows"), torch.inference_mode():
-            tiny_lm.model(input_ids=ids)  # 3 coefficients for the caller's 2 rows
-    with steer(tiny_lm, v, 1.0, layers=1), direct_call(prefill=True), torch.inference_mode():
-        tiny_lm.model(input_ids=ids)
+            call_block(BlockCall(prefill=True))
+    with steer(tiny_lm, v, [1.0, 2.0, 3.0], layers=1):
+        with pytest.raises(HarnessError, match="3 per-row values but the batch has 2 rows"):
+            call_block(BlockCall(prefill=True, rows=[1, 0], n=2))  # 3 coefficients for the caller's 2 rows
+    with steer(tiny_lm, v, 1.0, layers=1) as hd:
+        call_block(BlockCall(prefill=True))
+    assert hd.calls == 1 and hd.steered_positions == 2  # response mode: the last position of both rows
 
 
 # -- exact positions on the engine ----------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Trait-local pytest setup for ``pytest traits/ --trait NAME``.
 
-The options (``--trait``, ``--model``, ...) and the fixtures (``trait``, ``trait_run``,
-``trait_vector``, ``eval_activations``, ``reference_vector``, ``acceptance``, ...) come from the
-installed ``persona_harness`` pytest plugin (``harness/pytest_plugin.py``). Do not add
+The options (``--trait`` and the ``--harness-...`` family: ``--harness-model``, ``--harness-judge``,
+``--harness-judge-base-url``, ``--harness-update-reference``, ...) and the fixtures (``trait``,
+``trait_run``, ``trait_vector``, ``eval_activations``, ``reference_vector``, ``acceptance``, ...) come
+from the installed ``persona_harness`` pytest plugin (``harness/acceptance/plugin.py``). Do not add
 ``pytest_addoption`` here: an option defined in this conftest would be unknown to
 ``pytest --trait x`` run from the repository root. Trait-local fixtures belong here.
 """

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-OPS = {">=": lambda x, t: x >= t, "in": lambda x, t: t[0] <= x <= t[1]}
+OPS = {">=": lambda x, t: x >= t, "<=": lambda x, t: x <= t, "in": lambda x, t: t[0] <= x <= t[1]}
 
 
 class _HookSpecs:
@@ -44,14 +44,19 @@ def pytest_addoption(parser):
     g = parser.getgroup("persona-harness", "persona-harness acceptance checks")
     g.addoption("--trait", action="append", default=[], metavar="NAME",
                 help="trait to check (repeatable); tests requesting the 'trait' fixture run once per trait")
-    g.addoption("--model", default=None, help="model id (default from settings: 'smollm2', the embedded model)")
-    g.addoption("--judge", default=None, help="judge plugin name (default 'local')")
-    g.addoption("--judge-model", default=None, help="judge model (local: HF id/path; servers: model name)")
-    g.addoption("--judge-base-url", default=None, metavar="URL", help="OpenAI-compatible judge endpoint")
+    # every option but --trait carries the --harness- prefix: this plugin is loaded into every pytest
+    # session of an environment that has the package, next to other projects' own --model, --device ...
+    g.addoption("--harness-model", default=None, metavar="ID",
+                help="model id (default from settings: 'smollm2', the embedded model)")
+    g.addoption("--harness-judge", default=None, metavar="NAME", help="judge plugin name (default 'local')")
+    g.addoption("--harness-judge-model", default=None, metavar="NAME",
+                help="judge model (local: HF id/path; servers: model name)")
+    g.addoption("--harness-judge-base-url", default=None, metavar="URL", help="OpenAI-compatible judge endpoint")
     g.addoption("--harness-cache", default=None, metavar="DIR",
                 help="generation/judgment cache directory (default <rootdir>/.harness_cache)")
     g.addoption("--harness-run-dir", default=None, metavar="DIR",
-                help="run directories go to DIR/<model>/<trait> (default <rootdir>/runs, as the CLI)")
+                help="each session's run folder is DIR/<model>/<trait>/<run-id>, named by the 'latest' file there "
+                     "(default <rootdir>/runs, as the CLI)")
     g.addoption("--harness-traits-dir", action="append", default=[], metavar="DIR",
                 help="extra traits directory (repeatable; the ini key harness_traits_dir is searched too)")
     g.addoption("--harness-report", default=None, metavar="PATH",
@@ -59,7 +64,7 @@ def pytest_addoption(parser):
     g.addoption("--harness-config", default=None, metavar="TOML", help="persona-harness config file")
     g.addoption("--harness-judge-eval", action="store_true",
                 help="also judge the evaluation split (adds its score gap to the report; doubles judging)")
-    g.addoption("--update-reference", action="store_true",
+    g.addoption("--harness-update-reference", action="store_true",
                 help="write the new vector as the trait's reference for this model before the regression check")
     parser.addini("harness_traits_dir", "traits directory, relative to the rootdir", default="traits")
     parser.addini("harness_run_dir", "run directory root, relative to the rootdir", default="runs")
@@ -96,9 +101,8 @@ class HarnessSession:
     started: float = field(default_factory=time.time)
 
     def trait_settings(self, trait: str):
-        from harness.core.pipeline import slug
-
-        return self.settings.replace(out_dir=str(self.run_root / slug(self.settings.model) / trait))
+        """Settings for one trait's run: a new run folder <run-dir>/<model>/<trait>/<run-id> (run history)."""
+        return self.settings.replace(out_dir="", runs_dir=str(self.run_root))
 
 
 def _resolve(base: Path, p: str) -> Path:
@@ -113,7 +117,7 @@ def pytest_configure(config):
         return  # no-op: nothing is imported or built without --trait
     from harness.core.config import load_settings
     from harness.core.errors import HarnessError
-    from harness.core.plugins import get_plugin_manager
+    from harness.core.plugins import get_plugin_manager, known_traits
 
     root = Path(config.rootpath)
     base = Path(config.inipath).parent if config.inipath else root
@@ -121,9 +125,9 @@ def pytest_configure(config):
     ini_dir = _resolve(base, config.getini("harness_traits_dir") or "traits")
     if ini_dir.is_dir():
         dirs.append(str(ini_dir))
-    flags: dict[str, Any] = {"model": config.getoption("model"), "judge": config.getoption("judge"),
-                             "judge_model": config.getoption("judge_model"),
-                             "judge_base_url": config.getoption("judge_base_url"), "progress": False}
+    flags: dict[str, Any] = {"model": config.getoption("harness_model"), "judge": config.getoption("harness_judge"),
+                             "judge_model": config.getoption("harness_judge_model"),
+                             "judge_base_url": config.getoption("harness_judge_base_url"), "progress": False}
     try:
         settings = load_settings(flags, config_path=config.getoption("harness_config"), cwd=base)
         settings = settings.replace(traits_dirs=tuple(dirs) + tuple(settings.traits_dirs))
@@ -134,7 +138,7 @@ def pytest_configure(config):
     except HarnessError as e:
         raise pytest.UsageError(f"persona-harness: {e}") from None
     config.hook.pytest_harness_configure.call_historic(kwargs=dict(pm=pm, config=config))
-    known = sorted({n for ns in pm.hook.harness_list_traits(settings=settings) for n in (ns or [])})
+    known = known_traits(pm, settings)
     unknown = [t for t in traits if t not in known]
     if unknown:
         try:
@@ -153,7 +157,7 @@ def pytest_configure(config):
     report = config.getoption("harness_report")
     report_path = _resolve(Path.cwd(), report) if report else run_root / slug(settings.model) / "acceptance.json"
     config.stash[SESSION_KEY] = HarnessSession(config, settings, pm, traits, run_root, report_path,
-                                               update_reference=bool(config.getoption("update_reference")),
+                                               update_reference=bool(config.getoption("harness_update_reference")),
                                                judge_eval=bool(config.getoption("harness_judge_eval")))
 
 
@@ -255,7 +259,8 @@ def trait_run(harness_session, trait_spec, harness_settings):
         timings = dict(ctx.timings)
     except NoEffectivePairsError:
         timings = dict(ctx.timings)  # the failed run's timings; the rerun below is all cache hits
-        res = run_trait(trait_spec, s, pm=hs.pm, ctx=ctx, splits=main_splits, stages=("generate", "judge", "filter"))
+        res = run_trait(trait_spec, s.replace(out_dir=str(ctx.run_dir)), pm=hs.pm, ctx=ctx, splits=main_splits,
+                        stages=("generate", "judge", "filter"))  # into the same run folder
     if not hs.judge_eval and trait_spec.eval_questions:
         ev_dir = Path(res.run_dir) / "eval_split"
         ev = run_trait(trait_spec, s.replace(out_dir=str(ev_dir)), pm=hs.pm, ctx=ctx, splits=("eval",),
@@ -301,57 +306,158 @@ def trait_vector(trait_vectors):
     return trait_vectors.tensors["response_avg_diff"]
 
 
-@pytest.fixture(scope="session")
-def eval_activations(harness_session, trait_run) -> dict:
-    """Per-example response-mean activations of the eval split: ``{"pos": [n, L+1, H], "neg": ...}``.
+def _eval_means(hs: HarnessSession, trait_name: str, gens: list, neutral: bool):
+    """Per-example response means of ``gens``: under each generation's own prompt, or (``neutral``)
+    re-encoded under the question alone (the chat template's default system prompt, shared by pos and
+    neg). Cached under the cache directory, keyed by model, generations and prompt kind."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
-    Every eval-split generation with a non-empty response is used (no filtering: these questions
-    never took part in extraction). Cached in the run directory, keyed by the generations.
-    """
-    from harness.models.activations import example_means
     from harness.core.records import content_hash
+    from harness.models.activations import example_means
+    from harness.models.loading import prompt_ids
 
-    gens = [g for g in trait_run.generations if g.split == "eval" and g.response_token_ids]
-    if not gens:
-        pytest.fail(f"{trait_run.trait.name}: no eval-split generations (eval.json missing or all responses empty)")
-    s = harness_session.trait_settings(trait_run.trait.name)
-    key = content_hash({"model": s.model, "gens": [g.cache_key or g.id for g in gens], "method": "response_avg"})
-    path = Path(trait_run.run_dir) / "eval_activations.safetensors"
-    out: dict = {}
+    s = hs.trait_settings(trait_name)
+    kind = "neutral" if neutral else "in_context"
+    key = content_hash({"model": s.model, "dtype": s.dtype, "gens": [g.cache_key or g.id for g in gens],
+                        "method": "response_avg", "prompt": kind, "version": 1})
+    path = Path(s.cache_dir) / "activations" / f"{key[:32]}.safetensors"
     if path.exists():
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), framework="pt") as fh:
                 if (fh.metadata() or {}).get("key") == key:
-                    out = {k: fh.get_tensor(k) for k in ("pos", "neg")}
-        except Exception:
-            out = {}
-    if not out:
-        import torch
-        from safetensors.torch import save_file
+                    return fh.get_tensor("means")
+        except Exception:  # a torn or foreign file: recompute and replace it
+            pass
+    ctx = hs.contexts.get(trait_name)
+    if ctx is None:
+        from harness.core.pipeline import RunContext
 
-        ctx = harness_session.contexts.get(trait_run.trait.name)
-        if ctx is None:
-            from harness.core.pipeline import RunContext
+        ctx = hs.contexts[trait_name] = RunContext(settings=s, pm=hs.pm)
+    lm = ctx.model()
+    ex = [((prompt_ids(lm.tokenizer, [{"role": "user", "content": g.question}]) if neutral else g.prompt_token_ids),
+           g.response_token_ids) for g in gens]
+    means = torch.cat([b["response_avg"].cpu() for b in example_means(lm, ex, s.extract_batch_size,
+                                                                      methods=("response_avg",))], 0).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{__import__('os').getpid()}.tmp")
+    save_file({"means": means}, str(tmp), metadata={"key": key, "method": "response_avg", "prompt": kind})
+    tmp.replace(path)
+    return means
 
-            ctx = harness_session.contexts[trait_run.trait.name] = RunContext(settings=s, pm=harness_session.pm)
-        lm = ctx.model()
-        for pol in ("pos", "neg"):
-            ex = [(g.prompt_token_ids, g.response_token_ids) for g in gens if g.polarity == pol]
-            chunks = [b["response_avg"].cpu() for b in example_means(lm, ex, s.extract_batch_size,
-                                                                     methods=("response_avg",))]
-            out[pol] = torch.cat(chunks, 0).contiguous()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(out, str(path), metadata={"key": key, "method": "response_avg", "split": "eval"})
+
+def _eval_set(hs: HarnessSession, run, neutral: bool):
+    from harness.analysis.checks import EvalSet
+
+    gens = [g for g in run.generations if g.split == "eval" and g.response_token_ids]
+    pos = [g for g in gens if g.polarity == "pos"]
+    neg = [g for g in gens if g.polarity == "neg"]
+    if not pos or not neg:
+        pytest.fail(f"{run.trait.name}: no eval-split generations for both polarities (eval.json missing or "
+                    "all responses empty)")
+    scores = {j.generation_id: j.score for j in run.judgments if j.metric == run.trait.name}
+    return EvalSet(pos=_eval_means(hs, run.trait.name, pos, neutral), neg=_eval_means(hs, run.trait.name, neg, neutral),
+                   pos_q=[g.question for g in pos], neg_q=[g.question for g in neg],
+                   pos_scores=[scores.get(g.id) for g in pos], neg_scores=[scores.get(g.id) for g in neg])
+
+
+@pytest.fixture(scope="session")
+def eval_set(harness_session, trait_run):
+    """The evaluation split's per-example response means, each re-encoded under the prompt it was
+    generated under (``harness.analysis.checks.EvalSet``)."""
+    return _eval_set(harness_session, trait_run, neutral=False)
+
+
+@pytest.fixture(scope="session")
+def eval_set_neutral(harness_session, trait_run):
+    """The same responses re-encoded under one neutral prompt shared by pos and neg (the question
+    alone): what the separation, specificity and correlation checks use."""
+    return _eval_set(harness_session, trait_run, neutral=True)
+
+
+@pytest.fixture(scope="session")
+def eval_activations(eval_set) -> dict:
+    """``{"pos": [n, L+1, H], "neg": ...}``: in-context response means of the evaluation split."""
+    return {"pos": eval_set.pos, "neg": eval_set.neg}
+
+
+@pytest.fixture(scope="session")
+def eval_judged(harness_session, trait_run) -> bool:
+    """Whether the evaluation split was judged (``--harness-judge-eval``)."""
+    ev = {g.id for g in trait_run.generations if g.split == "eval"}
+    return any(j.generation_id in ev and j.score is not None for j in trait_run.judgments)
+
+
+@pytest.fixture(scope="session")
+def trait_norm_peak(trait_vector, eval_set_neutral) -> dict:
+    """The norm peak on ||v[l]|| / mean ||h[l]|| (activation norms of the evaluation responses,
+    labels unused), with the raw peak beside it."""
+    from harness.analysis.checks import activation_norms, norm_peak
+    from harness.analysis.metrics import layer_norms
+
+    return norm_peak(layer_norms(trait_vector), activation_norms(eval_set_neutral.pos, eval_set_neutral.neg))
+
+
+@pytest.fixture(scope="session")
+def check_layer(trait_norm_peak, trait_thresholds) -> int:
+    """The layer the checks look at: checks.json ``layer`` ("auto" = the relative-norm peak)."""
+    from harness.analysis.checks import check_layer as resolve
+
+    return resolve(trait_thresholds["layer"], trait_norm_peak["peak_layer"], trait_norm_peak["num_layers"])
+
+
+@pytest.fixture(scope="session")
+def other_trait_vectors(harness_session, trait_spec, trait_vector) -> dict:
+    """The other installed traits' vectors for this model: the new one of a trait run in this
+    session, else its stored reference. Traits with neither are left out."""
+    from harness.analysis.checks import REFERENCE_METHOD, load_reference, reference_path
+    from harness.core.plugins import known_traits
+
+    hs = harness_session
+    out = {}
+    for name in known_traits(hs.pm, hs.settings):
+        if name == trait_spec.name:
+            continue
+        run = hs.runs.get(name)
+        if run is not None and run.vectors is not None:
+            out[name] = run.vectors.tensors[REFERENCE_METHOD]
+            continue
+        spec = hs.pm.hook.harness_load_trait(name=name, settings=hs.settings)
+        path = reference_path(_trait_dir(spec), hs.settings.model) if spec is not None else None
+        if path is not None and path.exists():
+            ref = load_reference(path)[REFERENCE_METHOD]
+            if tuple(ref.shape) == tuple(trait_vector.shape):
+                out[name] = ref
     return out
+
+
+@pytest.fixture(scope="session")
+def specificity_matrix(harness_session, trait_spec, trait_vector, other_trait_vectors, eval_set_neutral,
+                       check_layer) -> dict:
+    """``{"layer": L, "auroc": {vector trait: {eval-split trait: AUROC}}}`` at the check layer, for this
+    trait's split and every other trait whose run is in this session (neutral prompt)."""
+    from harness.analysis.checks import per_layer_auroc
+
+    hs = harness_session
+    vectors = {trait_spec.name: trait_vector, **other_trait_vectors}
+    splits = {trait_spec.name: eval_set_neutral}
+    for name, run in hs.runs.items():
+        if name != trait_spec.name and run.vectors is not None and name in vectors:
+            try:
+                splits[name] = _eval_set(hs, run, neutral=True)
+            except pytest.fail.Exception:
+                continue
+    matrix = {v: {e: round(per_layer_auroc(ev.pos, ev.neg, vec)[check_layer], 4) for e, ev in splits.items()}
+              for v, vec in vectors.items()}
+    return {"layer": check_layer, "auroc": matrix}
 
 
 @pytest.fixture(scope="session")
 def reference_vector(harness_session, trait_spec, trait_run):
     """The stored reference (``traits/<name>/reference/<model>.safetensors``) or None.
 
-    With ``--update-reference`` the new vector is written there first.
+    With ``--harness-update-reference`` the new vector is written there first.
     """
     from harness.analysis.checks import load_reference, reference_path, save_reference
 
@@ -367,6 +473,19 @@ def reference_vector(harness_session, trait_spec, trait_run):
     return load_reference(path)
 
 
+@pytest.fixture(scope="session")
+def reference_reproducible(harness_session, trait_spec, trait_run, reference_vector) -> tuple[bool, str]:
+    """(same, why): whether the reference was made with this trait, these settings and seed (and the
+    same model fingerprint, when both record one)."""
+    from harness.analysis.checks import reproducible_from
+
+    if reference_vector is None:
+        return False, "no reference"
+    fp = str(((trait_run.vectors.metadata if trait_run.vectors is not None else None) or {}).get("model_fingerprint", ""))
+    return reproducible_from(dict(reference_vector.metadata or {}), harness_session.trait_settings(trait_spec.name),
+                             trait_spec.hash, fp)
+
+
 def _trait_dir(spec) -> Path:
     src = Path(spec.source) if spec.source else Path("traits") / spec.name
     return src.parent if src.name == "extract.json" else src.parent / spec.name
@@ -380,18 +499,34 @@ class Acceptance:
         self.rec = hs.checks.setdefault((trait, check), CheckRecord(trait, check))
         self.rec.metrics = []
 
-    def metric(self, name: str, value: Any, threshold: Any = None, op: str | None = None) -> bool:
-        """Record ``value`` (and its threshold); return whether it passes.
+    def metric(self, name: str, value: Any, threshold: Any = None, op: str | None = None,
+               ci: Any = None) -> bool:
+        """Record ``value`` (and its threshold and 95% interval); return whether it passes.
 
         True when there is no comparison (``op`` None) or the threshold is None: a null threshold in
-        checks.json makes the metric informational (reported, ``passed`` None, not enforced).
+        checks.json makes the metric informational (reported, ``passed`` None, not enforced). With an
+        interval ``ci = [lo, hi]``, a floor (``>=``) is checked on ``lo`` and a ceiling on ``hi``;
+        a missing or NaN bound fails.
         """
+        import math
+
         informational = op is not None and threshold is None
-        passed = True if op is None or informational else (value is not None and bool(OPS[op](value, threshold)))
+        tested = value
+        if ci is not None and op in (">=", "<="):
+            tested = ci[0] if op == ">=" else ci[1]
+        ok_value = tested is not None and not (isinstance(tested, float) and math.isnan(tested))
+        passed = True if op is None or informational else (ok_value and bool(OPS[op](tested, threshold)))
+        ci = None if ci is None else [None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+                                      for x in ci]
+        if isinstance(value, float) and math.isnan(value):
+            value = None
         self.rec.metrics.append({"name": name, "value": value, "threshold": threshold, "op": op,
                                  "passed": None if op is None or informational else passed,
+                                 **({"ci": ci} if ci is not None else {}),
                                  **({"informational": True} if informational else {})})
         self._record(f"{self.trait}.{self.check}.{name}", value)
+        if ci is not None:
+            self._record(f"{self.trait}.{self.check}.{name}.ci95", f"{_fmt(ci[0])}..{_fmt(ci[1])}")
         if op is not None:
             self._record(f"{self.trait}.{self.check}.{name}.threshold",
                          "informational" if informational else f"{op} {threshold}")
@@ -453,7 +588,7 @@ def _fmt(x: Any) -> str:
 
 def summary_lines(hs: HarnessSession) -> list[str]:
     """The per-trait table: every metric against its threshold."""
-    rows = [("trait", "check", "metric", "value", "threshold", "result")]
+    rows = [("trait", "check", "metric", "value [95% CI]", "threshold", "result")]
     for t in hs.traits:
         for (tr, check), rec in hs.checks.items():
             if tr != t:
@@ -462,18 +597,18 @@ def summary_lines(hs: HarnessSession) -> list[str]:
                 rows.append((t, check, "-", "-", "-", rec.outcome.upper()))
             for m in rec.metrics:
                 thr = "" if m["op"] is None else ("none (informational)" if m.get("informational") else
-                                                  f">= {_fmt(m['threshold'])}" if m["op"] == ">=" else
-                                                  f"in {_fmt(m['threshold'])}")
+                                                  f"{m['op']} {_fmt(m['threshold'])}")
                 res = "info" if m.get("informational") else "" if m["passed"] is None else (
                     "pass" if m["passed"] else "FAIL")
-                rows.append((t, check, m["name"], _fmt(m["value"]), thr, res))
+                val = _fmt(m["value"]) + (f" [{_fmt(m['ci'][0])}, {_fmt(m['ci'][1])}]" if m.get("ci") else "")
+                rows.append((t, check, m["name"], val, thr, res))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     for t in hs.traits:
         table = hs.extra.get(t, {}).get("auroc_per_layer")
         if table:
-            lines.append(f"{t}: per-layer AUROC on the eval split (hidden_states index: AUROC; "
+            lines.append(f"{t}: per-layer AUROC on the eval split, neutral prompt (hidden_states index: AUROC; "
                          "0 = embeddings, last = after final norm)")
             cells = [f"{i:>2}:{a:.2f}" for i, a in enumerate(table)]
             for a in range(0, len(cells), 10):

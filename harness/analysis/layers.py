@@ -17,23 +17,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+from harness.analysis.metrics import inner_layers, peak_layer
+
 LAYERS_FILE = "layer_choice.json"
 
 
-def _inner(n_plus_1: int) -> range:
-    L = n_plus_1 - 1
-    return range(1, L) if L > 1 else range(0, n_plus_1)
-
-
 def norm_peak_layer(norms: list[float]) -> int:
-    return max(_inner(len(norms)), key=lambda i: norms[i])
+    return peak_layer(norms)
 
 
 def separation_best(monitor: dict) -> dict | None:
     rows = monitor.get("layers") or []
     if not rows:
         return None
-    ok = [r for r in rows if r["layer"] in _inner(len(rows)) and r.get("auroc") is not None]
+    ok = [r for r in rows if r["layer"] in inner_layers(len(rows)) and r.get("auroc") is not None]
     if not ok:
         return None
     return max(ok, key=lambda r: (round(r["auroc"], 3), abs(r.get("cohens_d") or 0.0)))

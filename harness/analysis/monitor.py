@@ -12,10 +12,10 @@ AUROC = P(proj_pos > proj_neg) + 0.5 P(tie) (Mann-Whitney), and Cohen's d with t
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from harness.analysis.metrics import auroc, cohens_d, finite_or_none, inner_layers, pearson
 from harness.core.errors import HarnessError
 
 MONITOR_FILE = "monitor.json"
@@ -32,52 +32,6 @@ def scalar_projection(acts: Any, v: Any) -> Any:
     return (a * v).sum(-1) / torch.where(n > 0, n, torch.full_like(n, float("nan")))
 
 
-def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
-    """P(pos > neg) + 0.5 P(pos == neg) over all pairs, via average ranks (Mann-Whitney U)."""
-    pos, neg = [float(x) for x in pos], [float(x) for x in neg]
-    if not pos or not neg:
-        return float("nan")
-    allv = sorted([(x, 0) for x in pos] + [(x, 1) for x in neg])
-    ranks = [0.0] * len(allv)
-    i = 0
-    while i < len(allv):
-        j = i
-        while j + 1 < len(allv) and allv[j + 1][0] == allv[i][0]:
-            j += 1
-        r = (i + j) / 2 + 1
-        for k in range(i, j + 1):
-            ranks[k] = r
-        i = j + 1
-    rpos = sum(r for r, (_, g) in zip(ranks, allv) if g == 0)
-    u = rpos - len(pos) * (len(pos) + 1) / 2
-    return u / (len(pos) * len(neg))
-
-
-def cohens_d(pos: Sequence[float], neg: Sequence[float]) -> float:
-    """(mean_pos - mean_neg) / pooled SD (sample variances); NaN when undefined."""
-    n1, n2 = len(pos), len(neg)
-    if n1 < 2 or n2 < 2:
-        return float("nan")
-    m1, m2 = sum(pos) / n1, sum(neg) / n2
-    v1 = sum((x - m1) ** 2 for x in pos) / (n1 - 1)
-    v2 = sum((x - m2) ** 2 for x in neg) / (n2 - 1)
-    sp = math.sqrt(((n1 - 1) * v1 + (n2 - 1) * v2) / (n1 + n2 - 2))
-    if sp == 0:
-        return float("nan") if m1 == m2 else math.copysign(float("inf"), m1 - m2)
-    return (m1 - m2) / sp
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    n = len(x)
-    if n < 3:
-        return float("nan")
-    mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sx = math.sqrt(sum((a - mx) ** 2 for a in x))
-    sy = math.sqrt(sum((b - my) ** 2 for b in y))
-    return sxy / (sx * sy) if sx > 0 and sy > 0 else float("nan")
-
-
 def separation(pos_proj: Sequence[Sequence[float]], neg_proj: Sequence[Sequence[float]]) -> list[dict]:
     """Per layer: AUROC, Cohen's d and means. Inputs are [n_examples][num_layers + 1] projections."""
     if not pos_proj or not neg_proj:
@@ -86,13 +40,9 @@ def separation(pos_proj: Sequence[Sequence[float]], neg_proj: Sequence[Sequence[
     for L in range(len(pos_proj[0])):
         p = [r[L] for r in pos_proj]
         q = [r[L] for r in neg_proj]
-        out.append({"layer": L, "auroc": _r(auroc(p, q)), "cohens_d": _r(cohens_d(p, q)),
-                    "pos_mean": _r(sum(p) / len(p)), "neg_mean": _r(sum(q) / len(q))})
+        out.append({"layer": L, "auroc": finite_or_none(auroc(p, q)), "cohens_d": finite_or_none(cohens_d(p, q)),
+                    "pos_mean": finite_or_none(sum(p) / len(p)), "neg_mean": finite_or_none(sum(q) / len(q))})
     return out
-
-
-def _r(x: float) -> float | None:
-    return None if x is None or not math.isfinite(x) else round(float(x), 6)
 
 
 # -- turning records into (prompt ids, response ids) ----------------------------------------------
@@ -138,7 +88,7 @@ def project_examples(lm: Any, examples: Sequence[tuple[Sequence[int], Sequence[i
 
 
 def monitor_run(run_dir: str | Path, lm: Any, *, split: str = "eval", method: str = "response_avg_diff",
-                batch_size: int = 8, write: bool = True) -> dict:
+                batch_size: int = 8, write: bool = True, force: bool = False) -> dict:
     """Project the run's pos/neg generations of ``split`` onto its vectors; per-layer separation.
 
     Writes ``monitor.json`` (per-layer AUROC, Cohen's d, means, correlation with trait scores) and
@@ -171,14 +121,18 @@ def monitor_run(run_dir: str | Path, lm: Any, *, split: str = "eval", method: st
     scored = [(p, scores[g["id"]]) for g, p in zip(gens, proj) if g["id"] in scores]
     for row in layers:
         L = row["layer"]
-        row["trait_corr"] = _r(pearson([p[L] for p, _ in scored], [s for _, s in scored])) if scored else None
-    n = len(layers) - 1
-    inner = [r for r in layers if 1 <= r["layer"] < n and r["auroc"] is not None] or layers
+        row["trait_corr"] = finite_or_none(pearson([p[L] for p, _ in scored], [s for _, s in scored])) if scored else None
+    inner = [r for r in layers if r["layer"] in inner_layers(len(layers)) and r["auroc"] is not None] or layers
     best = max(inner, key=lambda r: (r["auroc"] or 0.0, abs(r["cohens_d"] or 0.0)))
     result = {"split": split, "method": method, "n_pos": len(pos), "n_neg": len(neg), "n_scored": len(scored),
               "layers": layers, "best_layer": best["layer"], "layer_convention": LAYER_CONVENTION,
               "projection": "(mean response activation . v) / ||v||", "trait": trait}
     if write:
+        from harness.core.artifacts import old_count, refuse_fewer
+
+        n_ex = lambda r: int(r["n_pos"]) + int(r["n_neg"])  # noqa: E731
+        refuse_fewer(run_dir / MONITOR_FILE, n_ex(result), old_count(run_dir / MONITOR_FILE, n_ex), force=force,
+                     unit="projected examples")
         atomic_write_json(run_dir / MONITOR_FILE, result)
         write_jsonl(run_dir / PROJECTIONS_FILE, [
             {"id": g["id"], "split": g["split"], "polarity": g["polarity"], "trait_score": scores.get(g["id"]),

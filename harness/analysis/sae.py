@@ -125,11 +125,14 @@ def rank_latents(sae: SAE, v: Any, *, k: int = 20) -> dict:
 
 
 def read_vector(sae: SAE, vectors: Any, layer: int | None = None, *, k: int = 20,
-                allow_layer_mismatch: bool = False) -> dict:
+                allow_layer_mismatch: bool = False, num_layers: int | None = None) -> dict:
     """Rank the SAE's latents against ``vectors[layer]`` (``vectors``: ``[num_layers + 1, d]`` or ``[d]``).
 
     ``layer`` defaults to the SAE's own layer. A vector from another layer than the SAE's hook is
-    refused (``allow_layer_mismatch=True`` turns that into a warning).
+    refused (``allow_layer_mismatch=True`` turns that into a warning). So is the last index: HF's
+    ``hidden_states[num_layers]`` is read *after* the final norm, while ``blocks.{num_layers-1}.
+    hook_resid_post`` is before it (their norms differ by an order of magnitude or more), so an SAE
+    there does not read that vector. ``num_layers`` defaults to ``len(vectors) - 1`` for a 2-D input.
     """
     import torch
 
@@ -147,9 +150,19 @@ def read_vector(sae: SAE, vectors: Any, layer: int | None = None, *, k: int = 20
                 raise HarnessError("give layer=: the SAE's hook does not name a residual layer")
             layer = sl
     if v.dim() == 2:
+        if num_layers is None:
+            num_layers = v.shape[0] - 1
         if not 0 <= int(layer) < v.shape[0]:  # type: ignore[arg-type]
             raise HarnessError(f"layer {layer} is outside the vector file's 0..{v.shape[0] - 1}")
         v = v[int(layer)]  # type: ignore[arg-type]
+    if num_layers is not None and layer is not None and int(layer) == num_layers and sl == num_layers:
+        msg = (f"SAE {sae.path} reads {sae.hook_name}, the last block's output before the final norm, but the "
+               f"vector at hidden_states index {num_layers} is read after the final norm (HF applies it to the last "
+               "hidden state), so they are not the same activation")
+        if not allow_layer_mismatch:
+            raise HarnessError(msg + f". Fix: use an SAE at an inner layer (blocks.k.hook_resid_post, k < "
+                               f"{num_layers - 1}) and its vector, or pass --allow-layer-mismatch to compare anyway")
+        warnings.warn(msg, stacklevel=2)
     if layer is not None and sl is not None and int(layer) != sl:
         msg = (f"the vector is from hidden_states index {layer} ({hook_for_layer(int(layer)) if int(layer) >= 1 else 'embeddings'}) "
                f"but SAE {sae.path} reads {sae.hook_name} = hidden_states index {sl}")

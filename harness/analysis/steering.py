@@ -37,10 +37,11 @@ passes one). Without a mask every position counts as real.
 several steering strengths at once (a coefficient of 0 leaves its row bit-identical).
 
 Loops that call the decoder blocks themselves (``harness.engine``) bypass the block owner's
-``forward``, where the mask and the cache length are read; they say the same through
-``direct_call(mask=, prefill=, rows=, n=)``, so every position mode is exact there too. ``rows`` maps
+``forward``, where the mask and the cache length are read; they pass the same with every block call
+as a ``harness.models.blockcall.BlockCall`` (``mask``, ``prefill``, ``rows``, ``n``), which the steering
+hook reads from the call's keyword arguments, so every position mode is exact there too. ``rows`` maps
 the loop's batch rows to its callers' rows (the engine sorts prompts by length and splits the batch),
-so per-row coefficients are given in the caller's order; under ``direct_call`` without ``rows`` they
+so per-row coefficients are given in the caller's order; under a ``BlockCall`` without ``rows`` they
 are refused.
 """
 
@@ -54,6 +55,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from harness.core.errors import HarnessError
+from harness.models.blockcall import block_call_of
 
 POSITIONS = ("all", "prompt", "response")
 SCALES = ("raw", "unit", "mean_norm")
@@ -193,27 +195,6 @@ def _scaled(vectors: dict[int, Any], scale: str, norms: Any) -> dict[int, Any]:
     return out
 
 
-_DIRECT: list[dict] = []  # what a loop that calls the blocks itself says about the current call
-
-
-@contextlib.contextmanager
-def direct_call(**info: Any) -> Iterator[dict]:
-    """Tell the steering hooks about the forward calls in this block, for loops that call the decoder
-    blocks directly (so the owner's pre-hook never sees a mask or a cache).
-
-    ``mask``: bool ``[B, T]`` real (non-pad) positions of the call, None = all real; ``prefill``: the
-    call is a generation's first (no cached tokens); ``rows`` and ``n``: batch row ``i`` is row
-    ``rows[i]`` of the caller's ``n`` rows (per-row coefficients are indexed with it). Nested calls
-    add to the outer one's information; the yielded dict may be updated in place (prefill -> decode).
-    """
-    cur = {**(_DIRECT[-1] if _DIRECT else {}), **info}
-    _DIRECT.append(cur)
-    try:
-        yield cur
-    finally:
-        _DIRECT.pop()
-
-
 @dataclass
 class SteeringHandle:
     """What ``steer`` yields: the applied per-layer deltas (for coef 1) and call counters."""
@@ -282,7 +263,7 @@ def steer(model_or_lm: Any, vectors: Any, coef: Any = 1.0, *, layers: int | Sequ
         state["mask"], state["past"] = None, None
 
     def make_hook(L: int):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             h = output[0] if isinstance(output, tuple) else output
             if not torch.is_tensor(h) or h.dim() != 3:
                 raise HarnessError(f"model.layers[{L - 1}] returned {type(h).__name__} of shape "
@@ -294,19 +275,19 @@ def steer(model_or_lm: Any, vectors: Any, coef: Any = 1.0, *, layers: int | Sequ
             v = cache[key]
             c = coefs[L]
             handle.calls += 1
-            direct = _DIRECT[-1] if _DIRECT else None
+            direct = block_call_of(kwargs)  # set when a loop calls the blocks itself (the engine)
             if isinstance(c, float):
                 if c == 0.0:
                     return None
                 row = torch.full((B,), c, dtype=torch.float32, device=h.device)
-            elif direct is not None and direct.get("rows") is None:
+            elif direct is not None and direct.rows is None:
                 raise HarnessError(f"coef for layer {L} has per-row values, but this generation loop calls the "
                                    "blocks itself without telling which request each batch row is (its row order is "
                                    "not the caller's). Fix: give one coefficient per call (one steering cell per "
-                                   "generate call), or pass rows= to harness.analysis.steering.direct_call")
+                                   "generate call), or pass rows= in the loop's harness.models.blockcall.BlockCall")
             else:
-                rows = direct.get("rows") if direct is not None else None
-                n = direct.get("n", c.numel()) if direct is not None else B
+                rows = direct.rows if direct is not None else None
+                n = (direct.n if direct.n is not None else c.numel()) if direct is not None else B
                 if c.numel() != n or (rows is not None and len(rows) != B):
                     raise HarnessError(f"coef for layer {L} has {c.numel()} per-row values but the batch has "
                                        f"{n} rows (hidden states {tuple(h.shape)})")
@@ -314,8 +295,8 @@ def steer(model_or_lm: Any, vectors: Any, coef: Any = 1.0, *, layers: int | Sequ
             # which (row, position) pairs to touch
             sel = torch.zeros((B, T), dtype=torch.bool, device=h.device)
             if direct is not None:
-                prefill = direct.get("prefill")
-                mask = direct.get("mask") if skip_padding else None
+                prefill = direct.prefill
+                mask = direct.mask if skip_padding else None
             else:
                 prefill = state["past"] == 0 if state["past"] is not None else None
                 mask = state["mask"]
@@ -344,7 +325,8 @@ def steer(model_or_lm: Any, vectors: Any, coef: Any = 1.0, *, layers: int | Sequ
         for L in handle.layers:
             # prepend: run before every other forward hook on the block, so hooks that read the block
             # output (HF's output_hidden_states recorders, monitors) see the steered stream
-            handles.append(blocks[L - 1].register_forward_hook(make_hook(L), prepend=True))
+            # with_kwargs: a loop that calls the blocks itself passes its BlockCall as a keyword argument
+            handles.append(blocks[L - 1].register_forward_hook(make_hook(L), prepend=True, with_kwargs=True))
         yield handle
     finally:
         for hd in handles:
@@ -361,6 +343,8 @@ def mean_activation_norms(lm: Any, examples: Sequence[tuple[Sequence[int], Seque
     """
     import torch
 
+    from harness.models.batch import examples_batch
+
     if tokens not in ("response", "prompt", "all"):
         raise HarnessError(f"tokens {tokens!r} is not one of response, prompt, all")
     examples = [(list(p), list(r)) for p, r in examples if (r or tokens != "response")]
@@ -372,17 +356,9 @@ def mean_activation_norms(lm: Any, examples: Sequence[tuple[Sequence[int], Seque
     count = 0.0
     for s in range(0, len(examples), batch_size):
         chunk = examples[s: s + batch_size]
-        T = max(len(p) + len(r) for p, r in chunk)
-        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-        att = torch.zeros((len(chunk), T), dtype=torch.long)
-        sel = torch.zeros((len(chunk), T), dtype=torch.bool)
-        for i, (p, r) in enumerate(chunk):
-            n = len(p) + len(r)
-            ids[i, :n] = torch.tensor(p + r)
-            att[i, :n] = 1
-            a = len(p) if tokens == "response" else 0
-            b = len(p) if tokens == "prompt" else n
-            sel[i, a:b] = True
+        b = examples_batch(chunk, pad)
+        ids, att = b.ids, b.attention
+        sel = b.response if tokens == "response" else b.prompt if tokens == "prompt" else b.attention.bool()
         with torch.inference_mode():
             out = model(input_ids=ids.to(dev), attention_mask=att.to(dev), output_hidden_states=True,
                         use_cache=False, logits_to_keep=1)

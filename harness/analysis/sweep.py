@@ -10,7 +10,7 @@ Efficiency: with the built-in generators every cell's rows go through the genera
 batches (one row = one question x sample x cell), with a per-row coefficient per layer given in
 request order: ``hf`` keeps that order in its batch, and the ``fast`` engine, which sorts prompts by
 length and splits batches by free memory, tells the steering hooks which request each of its rows is
-(``harness.analysis.steering.direct_call``). Any other generator (which may reorder rows without saying so)
+(``harness.models.blockcall.BlockCall``). Any other generator (which may reorder rows without saying so)
 gets one generate call per cell, with scalar coefficients; a generator can declare
 ``steer_per_row = True`` to be batched. A row's tokens do not depend on its batch (seeded per request
 id), and each question uses the same request id in every cell, so all cells see the same sampling
@@ -33,40 +33,72 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from harness.core.errors import HarnessError
+from harness.core.locks import run_lock_scope
 
 SWEEP_FILE = "sweep.json"
 
 
-def settings_for_run(run_dir: str | Path, flags: dict | None = None):
-    """The run's settings (``run.json`` config) with ``flags`` (field -> value) on top."""
-    from harness.core.config import FIELDS, Settings, _coerce
+#: What a run directory's run.json may set when a command reads the run: the model, the trait's
+#: generation and judging settings -- what is needed to *read* the run. Anything that runs code
+#: (plugins, plugin_config), sends the API key somewhere (judge_base_url, judge_api_key_env), or says
+#: where files go or come from (cache_dir, out_dir, traits_dirs, trait_files), and the machine's own
+#: resources (device, batch sizes, concurrency), comes from the command line, the environment or a
+#: config file, as for any command: a run directory is data, possibly downloaded or shared.
+RUN_SETTINGS = ("model", "revision", "dtype", "chat_template", "enable_thinking", "generator", "judge", "filter",
+                "extractor", "profile", "profile_applied", "n_per_question", "temperature", "top_p",
+                "max_new_tokens", "seed", "pos_name", "neg_name", "splits", "judge_model", "judge_mode",
+                "judge_min_mass", "judge_exact", "trait_threshold", "coherence_threshold")
+#: Settings a run.json never sets (see RUN_SETTINGS). Every field is in one of the two lists.
+NOT_FROM_RUN = ("plugins", "plugin_config", "judge_base_url", "judge_api_key_env", "cache_dir", "out_dir",
+                "runs_dir", "traits_dirs", "trait_files", "device", "device_map", "batch_size", "judge_batch_size",
+                "judge_concurrency", "judge_timeout", "judge_retries", "extract_batch_size", "progress")
+
+
+def read_run_json(run_dir: str | Path) -> dict:
+    """``run.json`` of a run directory as data (size- and depth-bounded; one-line errors naming it)."""
+    from harness.core.artifacts import read_json_file
 
     rj = Path(run_dir) / "run.json"
-    cfg: dict = {}
-    if rj.exists():
-        try:
-            cfg = json.loads(rj.read_text()).get("config", {}) or {}
-        except json.JSONDecodeError as e:
-            raise HarnessError(f"{rj}: not valid JSON ({e})") from None
-    vals: dict[str, Any] = {}
-    for k, v in cfg.items():
-        if k in FIELDS and v is not None:
-            vals[k] = v if k in ("plugin_config", "profile_applied") else _coerce(k, v, str(rj))
-    for k, v in (flags or {}).items():
-        if v is not None:
-            if k not in FIELDS:
-                raise HarnessError(f"unknown setting {k!r}")
-            vals[k] = _coerce(k, v, f"--{k.replace('_', '-')}")
-    return Settings(**vals)
+    if not rj.is_file():
+        raise HarnessError(f"{rj} is missing: {run_dir} is not a run directory. Fix: give the folder "
+                           "'persona-harness run' wrote")
+    data = read_json_file(rj, what="run.json", max_bytes=64 * 1024 * 1024)
+    if not isinstance(data, dict):
+        raise HarnessError(f"{rj}: expected a JSON object. Fix: give the folder 'persona-harness run' wrote")
+    return data
+
+
+def settings_for_run(run_dir: str | Path, flags: dict | None = None, *, config_path: str | None = None,
+                     environ: dict | None = None, cwd: str | Path = "."):
+    """The settings to read a run with: defaults < config file < environment < the run's own
+    ``RUN_SETTINGS`` from run.json < ``flags`` (field -> value). Nothing in ``NOT_FROM_RUN`` is taken
+    from run.json. Every value is validated; a bad one in run.json is named with the file and field."""
+    from harness.core.config import FIELDS, _coerce, load_settings, validate_settings
+
+    rj = Path(run_dir) / "run.json"
+    cfg = read_run_json(run_dir).get("config", {}) if rj.exists() else {}
+    if not isinstance(cfg, dict):
+        raise HarnessError(f"{rj}: field 'config' is not an object. Fix: give the folder 'persona-harness run' wrote")
+    run_vals: dict[str, Any] = {}
+    for k in RUN_SETTINGS:
+        if k in FIELDS and cfg.get(k) is not None:
+            run_vals[k] = cfg[k] if k == "profile_applied" else _coerce(k, cfg[k], f"{rj}: field 'config.{k}'")
+    validate_settings(run_vals, {k: f"{rj}: field 'config.{k}'" for k in run_vals}, environ=environ)
+    merged = {**run_vals, **{k: v for k, v in (flags or {}).items() if v is not None}}
+    return load_settings(merged, config_path=config_path, environ=environ, cwd=cwd)
 
 
 def load_run_trait(run_dir: str | Path, settings, pm):
     """The TraitSpec of a run: by name through the trait sources, else from its recorded source path."""
+    info = read_run_json(run_dir).get("trait", {})
     rj = Path(run_dir) / "run.json"
-    if not rj.exists():
-        raise HarnessError(f"{rj} is missing: {run_dir} is not a run directory. Fix: run 'persona-harness run' first")
-    info = json.loads(rj.read_text()).get("trait", {})
-    name, source, want = info.get("name"), info.get("source") or "", info.get("hash")
+    if not isinstance(info, dict):
+        raise HarnessError(f"{rj}: field 'trait' is not an object. Fix: give the folder 'persona-harness run' wrote")
+    name, source, want = info.get("name"), str(info.get("source") or ""), info.get("hash")
+    if name is not None:
+        from harness.core.pipeline import safe_name
+
+        safe_name(str(name))
     spec = pm.hook.harness_load_trait(name=name, settings=settings) if name else None
     if (spec is None or (want and spec.hash != want)) and source and Path(source).exists():
         from harness.core.traits import load_trait_path
@@ -75,7 +107,7 @@ def load_run_trait(run_dir: str | Path, settings, pm):
     if spec is None:
         raise HarnessError(f"{rj}: trait {name!r} cannot be loaded (source {source!r}). Fix: pass --traits-dir")
     if want and spec.hash != want:
-        warnings.warn(f"trait {name!r} changed since the run (hash {spec.hash[:12]} != {want[:12]})", stacklevel=2)
+        warnings.warn(f"trait {name!r} changed since the run (hash {spec.hash[:12]} != {str(want)[:12]})", stacklevel=2)
     return spec
 
 
@@ -99,7 +131,7 @@ def steered_generate(ctx, generator, requests: Sequence, cells: Sequence[tuple[i
     """
     import torch
 
-    from harness.core.cache import cache_key
+    from harness.core.pipeline import generation_key
     from harness.core.records import Generation
     from harness.analysis.steering import steer
 
@@ -109,7 +141,7 @@ def steered_generate(ctx, generator, requests: Sequence, cells: Sequence[tuple[i
     s = ctx.settings
     lm = ctx.model()
     vectors = torch.as_tensor(vectors).float()
-    cfg = generator.config() if callable(getattr(generator, "config", None)) else {}
+    cfg = generator.config()
     cells = [(None if (L is None or c == 0) else int(L), 0.0 if (L is None or c == 0) else float(c)) for L, c in cells]
     uniq = list(dict.fromkeys(cells))
     layers = sorted({L for L, _ in uniq if L is not None})
@@ -120,11 +152,8 @@ def steered_generate(ctx, generator, requests: Sequence, cells: Sequence[tuple[i
         spec = None if L is None else {"layer": L, "coef": c, "positions": positions, "scale": scale,
                                        "vector": vhash[L], "norm": (float(norms[L]) if scale == "mean_norm" else None),
                                        "v": STEER_KEY_VERSION}
-        parts = dict(generator=generator.name, config=cfg, model=s.model, messages=r.messages,
-                     temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=r.seed, id=r.id)
-        if spec is not None:
-            parts["steer"] = spec
-        return cache_key("generate", **parts)
+        # unsteered cells share the pipeline's keys (and so its cached generations)
+        return generation_key(ctx, generator, r, config=cfg, **({"steer": spec} if spec is not None else {}))
 
     rows = [(cell, r, key(r, cell)) for cell in uniq for r in requests]
     cached = ctx.cache.get_many([k for _, _, k in rows]) if ctx.cache is not None else {}
@@ -169,13 +198,21 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+@run_lock_scope
 def run_sweep(run_dir: str | Path, settings=None, *, pm=None, layers: Sequence[int], coefs: Sequence[float],
               positions: str = "response", scale: str = "raw", method: str = "response_avg_diff",
               n_questions: int | None = 5, samples: int = 1, max_new_tokens: int | None = None,
-              system_prompt: str = "", ctx=None, write: bool = True) -> dict:
-    """Run the layers x coefs sweep for a run directory; returns (and writes) the sweep table."""
-    from harness.core.artifacts import atomic_write_json, atomic_write_text, load_vectors, write_jsonl
+              system_prompt: str = "", ctx=None, write: bool = True, force: bool = False) -> dict:
+    """Run the layers x coefs sweep for a run directory; returns (and writes) the sweep table.
+
+    An existing ``sweep.json`` with more scored judgments is not replaced unless ``force``."""
+    import dataclasses
+    import math
+
+    from harness.core.artifacts import (atomic_write_json, atomic_write_text, load_vectors, old_count, refuse_fewer,
+                                        write_jsonl)
     from harness.core.cache import Cache
+    from harness.core.locks import hold_run_dir
     from harness.core.pipeline import RunContext, run_judge
     from harness.core.plugins import build_registry, get_plugin_manager
     from harness.core.records import GenerationRequest
@@ -184,6 +221,18 @@ def run_sweep(run_dir: str | Path, settings=None, *, pm=None, layers: Sequence[i
     run_dir = Path(run_dir)
     if scale not in SCALES:
         raise HarnessError(f"scale {scale!r} is not one of {', '.join(SCALES)}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise HarnessError(f"--samples {samples}: give at least 1 sample per question and cell")
+    if n_questions is not None and (isinstance(n_questions, bool) or int(n_questions) < 0):
+        raise HarnessError(f"--questions {n_questions}: give a number of questions >= 1 (0 = all)")
+    bad_coefs = [c for c in coefs if not math.isfinite(float(c))]
+    if bad_coefs or not list(coefs):
+        raise HarnessError(f"--coefs: {'no coefficients' if not bad_coefs else f'{bad_coefs[0]} is not finite'}. "
+                           "Fix: give finite numbers, e.g. --coefs=-2,0,2")
+    if not list(layers):
+        raise HarnessError("--layers: no layers. Fix: give a comma list of layers, e.g. --layers 10,15")
+    if write:
+        hold_run_dir(run_dir)
     t_start = time.perf_counter()
     s = settings or settings_for_run(run_dir)
     if max_new_tokens:
@@ -225,7 +274,8 @@ def run_sweep(run_dir: str | Path, settings=None, *, pm=None, layers: Sequence[i
     uniq = list(by_cell)
     flat = [g for c in uniq for g in by_cell[c]]
     t0 = time.perf_counter()
-    judgments = run_judge(ctx, spec, flat, judge)  # hooks are gone: the judge is never steered
+    # hooks are gone: the judge is never steered; no journal in the run folder (the cache holds the records)
+    judgments = run_judge(dataclasses.replace(ctx, run_dir=None), spec, flat, judge)
     t_judge = time.perf_counter() - t0
     per_gen = 2  # judge_items: trait, coherence per generation
     stats: dict[tuple, dict] = {}
@@ -265,6 +315,8 @@ def run_sweep(run_dir: str | Path, settings=None, *, pm=None, layers: Sequence[i
     if norms is not None:
         result["mean_norms"] = {str(L): round(norms[L], 6) for L in layers}
     if write:
+        refuse_fewer(run_dir / SWEEP_FILE, _scored(result), old_count(run_dir / SWEEP_FILE, _scored), force=force,
+                     unit="scored judgments")
         atomic_write_json(run_dir / SWEEP_FILE, result)
         atomic_write_text(run_dir / "sweep.csv", sweep_csv(result))
         write_jsonl(run_dir / "sweep_generations.jsonl", gen_rows)
@@ -273,6 +325,14 @@ def run_sweep(run_dir: str | Path, settings=None, *, pm=None, layers: Sequence[i
 
 def _r(x):
     return None if x is None else round(float(x), 4)
+
+
+def _scored(result: dict) -> int:
+    """Scored judgments in a sweep table (the baseline counted once)."""
+    cells = result["cells"]
+    base = [c for c in cells if c.get("shared_baseline")][:1]
+    return sum(int(c["trait_scored"]) + int(c["coherence_scored"]) for c in base + [c for c in cells
+                                                                                 if not c.get("shared_baseline")])
 
 
 def sweep_csv(result: dict) -> str:

@@ -6,14 +6,15 @@ import argparse
 import importlib
 import json
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 from harness import __version__
 from harness.cli.options import add_settings_arguments, settings_from_args
 from harness.core.errors import HarnessError
 
 #: modules of the built-in sub-commands beyond run/traits/plugins/validate (each has register_commands)
-BUILTIN_COMMANDS = ("harness.cli.author", "harness.cli.reference", "harness.cli.vectors")
+BUILTIN_COMMANDS = ("harness.cli.author", "harness.cli.reference", "harness.cli.vectors", "harness.cli.runs",
+                    "harness.cli.export")
 
 
 def _pm(settings):
@@ -46,16 +47,40 @@ def cmd_run(args) -> int:
     if not traits:
         print("error: give --trait NAME or --trait-file PATH (see 'persona-harness traits')", file=sys.stderr)
         return 2
+    names = [t if isinstance(t, str) else t.name for t in traits]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        print(f"error: trait {twice[0]!r} is named twice (--trait / --trait-file); one run folder per trait. "
+              "Fix: name each trait once (rename one of the trait folders)", file=sys.stderr)
+        return 2
+    outs = [Path(s.out_dir) / n if len(traits) > 1 else Path(s.out_dir) for n in names] if s.out_dir else []
+    for n, out in zip(names, outs):  # --out DIR holds one trait's run: never another trait's records
+        held = _run_trait_name(out)
+        if held is not None and held != n:
+            print(f"error: {out} holds a run of trait {held!r}; this run is of trait {n!r} and would mix their "
+                  "records. Fix: give another --out folder, or delete that run first", file=sys.stderr)
+            return 2
     results = []
-    for t in traits:
-        if isinstance(t, str) and len(traits) > 1 and s.out_dir:
-            s2 = s.replace(out_dir=str(Path(s.out_dir) / t))
-        else:
-            s2 = s
+    for i, t in enumerate(traits):
+        s2 = s.replace(out_dir=str(outs[i])) if outs else s  # each trait of a multi-trait run: --out DIR/<trait>
         res = run_trait(t, s2, pm=pm)
         results.append(res)
         print_summary(res.summary, res.run_dir, json_out=args.json)
     return 0
+
+
+def _run_trait_name(run_dir) -> str | None:
+    """The trait of the run already in ``run_dir`` (None: no readable run.json there)."""
+    from harness.core.artifacts import read_json_file
+
+    rj = run_dir / "run.json"
+    if not rj.is_file():
+        return None
+    try:
+        name = (read_json_file(rj, what="run.json").get("trait") or {}).get("name")
+    except (HarnessError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def print_summary(summary: dict, run_dir, *, json_out: bool = False) -> None:
@@ -86,9 +111,11 @@ def print_summary(summary: dict, run_dir, *, json_out: bool = False) -> None:
 
 
 def cmd_traits(args) -> int:
+    from harness.core.plugins import known_traits
+
     s = settings_from_args(args)
     pm = _pm(s)
-    names = sorted({n for ns in pm.hook.harness_list_traits(settings=s) for n in (ns or [])})
+    names = known_traits(pm, s)
     for n in names:
         spec = pm.hook.harness_load_trait(name=n, settings=s)
         if args.verbose and spec is not None:
@@ -212,6 +239,9 @@ def import_plugin_modules(mods: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from harness.core.plugins import get_plugin_manager
+    from harness.core.redact import install_log_redaction, redact
+
+    install_log_redaction()  # every log line passes through redact() (the judge API key, credential headers)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # --plugin modules must be known before parsing so their commands exist
@@ -226,11 +256,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return int(args.func(args) or 0)
     except HarnessError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; finished records are in the cache and a rerun resumes", file=sys.stderr)
         return 130
+    except OSError as e:  # a file-system problem the code did not name itself
+        from harness.core.artifacts import os_error_message
+
+        print(f"error: {redact(os_error_message(e.filename or '(file)', e, 'cannot use it'))}", file=sys.stderr)
+        return 1
+    except Exception:  # a bug: the traceback helps, the API key must not be in it
+        import traceback
+
+        sys.stderr.write(redact(traceback.format_exc()))
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-GROUP_TITLE = "settings (flags > config file > PERSONA_HARNESS_* environment)"
+GROUP_TITLE = "settings (flags > PERSONA_HARNESS_* environment > config file > defaults)"
 
 
 def setting_flags() -> list[tuple[str, dataclasses.Field]]:

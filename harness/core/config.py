@@ -1,4 +1,8 @@
-"""Settings: command-line flags > config file > environment (PERSONA_HARNESS_*) > defaults.
+"""Settings: command-line flags > environment (PERSONA_HARNESS_*) > config file > defaults.
+
+The order pip and most tools use: what you type now beats what your shell exports, which beats
+what a checked-in config file says. A profile (``--profile``, or the model's) only fills fields
+that none of the three set.
 
 Config files: ``--config PATH``, else ``persona-harness.toml`` in the working directory, else the
 ``[tool.persona-harness]`` table of ``pyproject.toml`` there. Keys are the field names below.
@@ -9,14 +13,17 @@ trusted with what runs code or where the API key goes. Its ``plugins`` is an err
 ``--config FILE`` to trust the file, or name modules with ``--plugin`` / ``PERSONA_HARNESS_PLUGINS``);
 its ``judge_base_url`` is honoured with a ``ConfigWarning`` naming the file and host when the host is
 loopback (a server on this machine), and is an error for any other host unless the file is passed
-with ``--config`` or the URL is given by ``--judge-base-url`` / ``PERSONA_HARNESS_JUDGE_BASE_URL``.
+with ``--config`` or the URL is given by ``--judge-base-url`` / ``PERSONA_HARNESS_JUDGE_BASE_URL``
+(which then win over the file's value anyway).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -25,9 +32,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 from harness.core.errors import ConfigError
+from harness.core.model_ids import EMBEDDED_ID, canonical_model_id
 
 ENV_PREFIX = "PERSONA_HARNESS_"
-DEFAULT_MODEL = "smollm2"
+DEFAULT_MODEL = EMBEDDED_ID
 
 
 class ConfigWarning(UserWarning):
@@ -47,7 +55,9 @@ def setting(default: Any, help: str, *, flag: str | None = None, kind: str = "",
 @dataclass
 class Settings:
     # what to run
-    model: str = setting(DEFAULT_MODEL, "HF model id or local path; 'smollm2' (default) is the embedded model")
+    model: str = setting(DEFAULT_MODEL, "HF model id or local path; 'smollm2' (default; also 'smollm2-135m') is the "
+                                        "embedded model")
+    revision: str = setting("", "hub revision of --model: branch, tag or commit (default: the hub's main)")
     generator: str = setting("hf", "generator plugin name (default hf)")
     judge: str = setting("local", "judge plugin name (default local)")
     filter: str = setting("effective-pairs", "filter plugin name (default effective-pairs)")
@@ -63,6 +73,10 @@ class Settings:
     pos_name: str = setting("", "assistant name in pos prompts (default: the trait)")
     neg_name: str = setting("helpful", "assistant name in neg prompts (default: helpful)")
     splits: tuple[str, ...] = setting(("extract",), "comma list of question splits to run: extract,eval", kind="comma")
+    chat_template: str = setting("", "Jinja chat template for --model (a file path or the template text); needed "
+                                     "when the model ships none, replaces its own otherwise")
+    enable_thinking: bool = setting(False, "let chat templates that read enable_thinking/thinking (Qwen3-style) "
+                                           "open a thinking block in generated answers; judging always runs without")
     # judging
     judge_model: str = setting("", "judge model (local: HF id/path, default the model; servers: model name)")
     judge_base_url: str = setting("", "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
@@ -80,7 +94,10 @@ class Settings:
     # extraction
     extract_batch_size: int = setting(8, "extraction batch size")
     # places
-    out_dir: str = setting("", "run directory (default runs/<model>/<trait>)", flag="--out")
+    out_dir: str = setting("", "run directory, written exactly (default: a new RUNS_DIR/<model>/<trait>/<run-id>)",
+                           flag="--out")
+    runs_dir: str = setting("runs", "run history folder: each run gets RUNS_DIR/<model>/<trait>/<run-id>/ and the "
+                                    "'latest' file there names it (default runs)")
     cache_dir: str = setting(".harness_cache", "cache directory (default .harness_cache)")
     traits_dirs: tuple[str, ...] = setting((), "extra traits folder (repeatable)", flag="--traits-dir", kind="append")
     trait_files: tuple[str, ...] = setting((), "run a trait from this file (repeatable)", flag="--trait-file",
@@ -95,6 +112,12 @@ class Settings:
     progress: bool = setting(True, "progress bars")
     plugin_config: dict = setting(None, "per-plugin settings table (config file only)", flag="", factory=dict)
     profile_applied: str = setting("", "the profile apply_profile applied (set by the harness)", flag="")
+
+    def __post_init__(self) -> None:
+        # aliases are resolved here, once, before profiles, cache keys and run folders see the id
+        self.model = canonical_model_id(self.model)
+        if self.judge_model:
+            self.judge_model = canonical_model_id(self.judge_model)
 
     def replace(self, **kw: Any) -> Settings:
         return dataclasses.replace(self, **kw)
@@ -114,7 +137,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "embedded": {"trait_threshold": 30.0, "coherence_threshold": 30.0, "judge_min_mass": 0.0,
                  "judge_exact": False, "max_new_tokens": 32, "judge_batch_size": 16},
 }
-MODEL_PROFILES = {"smollm2": "embedded"}
+#: canonical model id (``harness.core.model_ids.canonical_model_id``) -> profile
+MODEL_PROFILES = {EMBEDDED_ID: "embedded"}
 
 
 def apply_profile(settings: Settings, explicit: set[str] | None = None) -> Settings:
@@ -122,11 +146,14 @@ def apply_profile(settings: Settings, explicit: set[str] | None = None) -> Setti
     explicit = explicit or set()
     name = settings.profile
     if name == "auto":
-        name = MODEL_PROFILES.get(settings.model, "paper")
+        name = MODEL_PROFILES.get(canonical_model_id(settings.model), "paper")
     if name not in PROFILES:
         raise ConfigError(f"unknown profile {name!r}; known: {', '.join(sorted(PROFILES))}")
     updates = {k: v for k, v in PROFILES[name].items() if k not in explicit}
     return settings.replace(profile_applied=name, **updates)
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -135,9 +162,18 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     try:
         if isinstance(default, bool):
             if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
+                v = value.strip().lower()
+                if v not in _TRUE + _FALSE:
+                    raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE)}")
+                return v in _TRUE
+            if not isinstance(value, (bool, int)) or value not in (0, 1):
+                raise TypeError("expected true or false")
             return bool(value)
+        if isinstance(value, bool) and isinstance(default, (int, float)):
+            raise TypeError("expected a number, not true/false")
         if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("expected a whole number")
             return int(value)
         if isinstance(default, float):
             return float(value)
@@ -150,8 +186,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 raise TypeError("expected a table")
             return value
         return str(value)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: setting '{name}' = {value!r}: {e}") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ConfigError(f"{source}: setting '{name}' = {_shown(value)}: {e}. Fix: give a value like the "
+                          f"default ({_shown(default)})") from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -193,8 +230,10 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _check_discovered_file(values: dict[str, Any], file_name: str, flags: dict[str, Any]) -> None:
-    """Refuse what an automatically found config file may not do silently (see the module docstring)."""
+def _check_discovered_file(values: dict[str, Any], file_name: str, overridden: set[str]) -> None:
+    """Refuse what an automatically found config file may not do silently (see the module docstring).
+
+    ``overridden``: the fields the environment or the command line set (they win over the file)."""
     table = "[tool.persona-harness] " if Path(file_name).name == "pyproject.toml" else ""
     if values.get("plugins"):
         raise ConfigError(
@@ -203,7 +242,7 @@ def _check_discovered_file(values: dict[str, Any], file_name: str, flags: dict[s
             f"Fix: pass --config {file_name} to trust this file, or load the modules with --plugin MODULE "
             "(or PERSONA_HARNESS_PLUGINS)")
     url = values.get("judge_base_url")
-    if url and flags.get("judge_base_url") is None:
+    if url and "judge_base_url" not in overridden:
         host = urlparse(str(url)).hostname or str(url)
         if _is_loopback(host):
             warnings.warn(
@@ -226,15 +265,17 @@ def load_settings(
     environ: dict[str, str] | None = None,
     cwd: str | Path = ".",
 ) -> Settings:
-    """Merge defaults < environment < config file < flags, then apply the profile."""
+    """Merge defaults < config file < environment < flags (later wins), then apply the profile.
+
+    ``flags``: field -> value from the command line (None = not given); ``config_path``: the
+    ``--config`` file (else one found in ``cwd``); ``environ``: the ``PERSONA_HARNESS_<FIELD>``
+    variables (default ``os.environ``). Every field set by any of the three counts as explicit, so
+    the profile never overrides it.
+    """
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     explicit: set[str] = set()
-    for name in FIELDS:
-        key = ENV_PREFIX + name.upper()
-        if key in environ and name not in ("plugin_config", "profile_applied"):
-            values[name] = _coerce(name, environ[key], f"environment {key}")
-            explicit.add(name)
+    sources: dict[str, str] = {}
     file_values, file_name, file_explicit = find_config_file(config_path, cwd)
     from_file: dict[str, Any] = {}
     for name, value in file_values.items():
@@ -243,18 +284,156 @@ def load_settings(
             raise ConfigError(f"{file_name}: unknown setting '{name}'. Known: {', '.join(sorted(FIELDS))}")
         from_file[name] = values[name] = _coerce(name, value, file_name)
         explicit.add(name)
-    if from_file and not file_explicit:
-        _check_discovered_file(from_file, file_name, flags or {})
+        sources[name] = f"{file_name}: field '{name}'"
+    overridden: set[str] = set()
+    for name in FIELDS:
+        key = ENV_PREFIX + name.upper()
+        if key in environ and name not in ("plugin_config", "profile_applied"):
+            values[name] = _coerce(name, environ[key], f"environment {key}")
+            explicit.add(name)
+            sources[name] = f"environment variable {key}"
+            overridden.add(name)
     for name, value in (flags or {}).items():
         if value is None:
             continue
         if name not in FIELDS:
             raise ConfigError(f"unknown setting {name!r}")
-        values[name] = _coerce(name, value, f"--{name.replace('_', '-')}")
+        values[name] = _coerce(name, value, flag_of(name))
         explicit.add(name)
-    env_name = str(values.get("judge_api_key_env", "OPENAI_API_KEY"))
-    if env_name and (not env_name.replace("_", "a").isalnum() or not env_name.isascii() or env_name[:1].isdigit()):
-        # never echo the value: it may be a key typed in the wrong place
-        raise ConfigError("judge_api_key_env must be the NAME of an environment variable (letters, digits, '_'), "
-                          "not the key itself. Fix: export MY_JUDGE_KEY=...; then --judge-api-key-env MY_JUDGE_KEY")
-    return apply_profile(Settings(**values), explicit)
+        sources[name] = flag_of(name)
+        overridden.add(name)
+    if from_file and not file_explicit:
+        _check_discovered_file({k: v for k, v in from_file.items() if k not in overridden}, file_name, overridden)
+    validate_settings(values, sources, environ=environ)  # before Settings() sees the values
+    settings = apply_profile(Settings(**values), explicit)
+    validate_settings(settings, sources, environ=environ)
+    return settings
+
+
+# -- validation -----------------------------------------------------------------------------------
+#: splits a trait has, devices and dtypes a model loads with
+SPLITS = ("extract", "eval")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,3})?)$")
+_INT_MAX = 2**31 - 1
+#: field -> (min, max, what it is, how to fix): numbers must be finite and inside [min, max]
+_RANGES: dict[str, tuple[float, float, str]] = {
+    "n_per_question": (1, _INT_MAX, "a count of samples"),
+    "max_new_tokens": (1, _INT_MAX, "a length in tokens"),
+    "batch_size": (0, _INT_MAX, "a batch size (0 = automatic)"),
+    "judge_batch_size": (1, _INT_MAX, "a batch size"),
+    "judge_concurrency": (1, _INT_MAX, "a number of requests in flight"),
+    "judge_retries": (0, 1000, "a number of retries"),
+    "extract_batch_size": (1, _INT_MAX, "a batch size"),
+    "seed": (0, 2**63 - 1, "a seed"),
+    "temperature": (0.0, 1e6, "a sampling temperature (0 = greedy)"),
+    "top_p": (0.0, 1.0, "a probability"),
+    "judge_timeout": (1e-3, 1e6, "a number of seconds"),
+    "trait_threshold": (0.0, 100.0, "a score threshold on the 0-100 scale"),
+    "coherence_threshold": (0.0, 100.0, "a score threshold on the 0-100 scale"),
+    "judge_min_mass": (-1.0, 1.0, "a probability (or -1 for the judge's default)"),
+}
+
+
+def flag_of(name: str) -> str:
+    """The command-line spelling of a setting (``--out`` for ``out_dir``)."""
+    flag = FIELDS[name].metadata.get("flag") if name in FIELDS else None
+    return flag or f"--{name.replace('_', '-')}"
+
+
+def _shown(value: Any) -> str:
+    """A value as it may appear in a message (never a key-shaped judge_api_key_env: see below)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _not_text(value: str) -> int | None:
+    try:
+        value.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return e.start
+
+
+def setting_problem(name: str, value: Any, environ: Any = None) -> str | None:
+    """What is wrong with ``value`` for setting ``name`` (problem and fix), or None when it is valid."""
+    from harness.core.redact import is_env_var_name
+
+    texts = [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)] \
+        if isinstance(value, (tuple, list)) else []
+    for t in texts:
+        at = _not_text(t)
+        if at is not None:
+            return ("holds a character that is not valid Unicode at position "
+                    f"{at} (a lone surrogate, e.g. from bytes that are not UTF-8). Fix: pass UTF-8 text")
+    if name == "judge_api_key_env":
+        env = os.environ if environ is None else environ
+        ok = isinstance(value, str) and bool(re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", value or "_")) and (
+            not value or is_env_var_name(value) or value in env)
+        if not ok:  # never echo the value: it may be the key itself, typed in the wrong place
+            return ("must be the NAME of an environment variable (upper-case letters, digits and '_', such as "
+                    "OPENAI_API_KEY), not the key itself; the value given is not repeated here. "
+                    "Fix: export MY_JUDGE_KEY=...; then --judge-api-key-env MY_JUDGE_KEY")
+        return None
+    if name in _RANGES:
+        lo, hi, what = _RANGES[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"= {_shown(value)} is not a number. Fix: give {what}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"= {value} is not a finite number. Fix: give {what} between {_num(lo)} and {_num(hi)}"
+        if not lo <= value <= hi:
+            if name == "judge_min_mass" and value < 0 and value != -1:
+                return f"= {value:g} is out of range. Fix: give a probability 0..1, or -1 for the judge's default"
+            return f"= {_num(value)} is out of range. Fix: give {what} between {_num(lo)} and {_num(hi)}"
+        if name == "judge_min_mass" and -1 < value < 0:
+            return f"= {value:g} is out of range. Fix: give a probability 0..1, or -1 for the judge's default"
+        return None
+    if name == "splits":
+        bad = [x for x in value if x not in SPLITS]
+        if bad or not value:
+            return (f"= {','.join(value) or '(empty)'}: " + (f"unknown split {bad[0]!r}" if bad else "no split")
+                    + f". Fix: a comma list of {', '.join(SPLITS)}")
+        if len(set(value)) != len(value):
+            return f"= {','.join(value)} names a split twice. Fix: name each split once"
+        return None
+    if name == "device":
+        if not _DEVICE.match(value or ""):
+            return f"= {_shown(value)} is not a known device. Fix: use cpu, cuda, cuda:N, mps or auto"
+        return None
+    if name == "dtype":
+        if value not in DTYPES:
+            return f"= {_shown(value)} is not a known dtype. Fix: use float32, bfloat16, float16 or auto"
+        return None
+    if name == "profile":
+        if value != "auto" and value not in PROFILES:
+            return f"= {_shown(value)} is not a profile. Fix: use auto or one of {', '.join(sorted(PROFILES))}"
+        return None
+    if name == "judge_base_url" and value:
+        u = urlparse(value)
+        if u.scheme not in ("http", "https") or not u.hostname or any(c.isspace() for c in value):
+            return f"= {_shown(value)} is not an http(s) URL. Fix: give e.g. http://127.0.0.1:8000/v1"
+        return None
+    if name in ("generator", "judge", "filter", "extractor") and not value:
+        return "is empty. Fix: name a plugin (see 'persona-harness plugins')"
+    return None
+
+
+def validate_settings(settings: Settings | dict, sources: dict[str, str] | None = None, *,
+                      environ: Any = None) -> None:
+    """One check of every setting before any model loads; the first problem is a ``ConfigError``
+    naming where the value came from (flag, environment variable, config file and field, run.json)."""
+    values = settings.to_dict() if isinstance(settings, Settings) else settings
+    sources = sources or {}
+    for name, value in values.items():
+        if name not in FIELDS:
+            continue
+        problem = setting_problem(name, value, environ)
+        if problem is not None:
+            where = sources.get(name) or ("profile " + str(values.get("profile_applied")) if values.get(
+                "profile_applied") else "default")
+            sep = " " if problem.startswith("=") else ": "
+            raise ConfigError(f"{where}: setting '{name}'{sep}{problem}")

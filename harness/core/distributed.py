@@ -100,10 +100,6 @@ def local_device() -> str:
     return "auto"
 
 
-def is_main() -> bool:
-    return rank_world()[0] == 0
-
-
 def shard(items: Sequence[T]) -> list[T]:
     """This rank's round-robin share (items[rank::world])."""
     r, w = rank_world()
@@ -150,13 +146,6 @@ def all_reduce_sum(t):
     dist.all_reduce(x, op=dist.ReduceOp.SUM)
     torch.cuda.synchronize() if x.device.type == "cuda" else None
     return x
-
-
-def barrier() -> None:
-    if rank_world()[1] > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------- pipeline helpers

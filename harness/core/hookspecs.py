@@ -7,9 +7,20 @@ Single-answer hooks are ``firstresult``; the built-in implementations of those a
 
 from __future__ import annotations
 
-from typing import Any
+import argparse
+from typing import TYPE_CHECKING, Callable
 
 import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from harness.core.config import Settings
+    from harness.core.pipeline import RunContext
+    from harness.core.records import TraitSpec
+    from harness.models.loading import LoadedModel
+
+#: what ``harness_register_<kind>s`` hooks receive: ``register(name, factory, description="")``, where
+#: ``factory(settings)`` returns an object satisfying the kind's protocol in ``harness.core.protocols``
+Register = Callable[..., None]
 
 PROJECT = "persona_harness"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -18,45 +29,49 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 # -- trait sources ---------------------------------------------------------------
 @hookspec
-def harness_list_traits(settings: Any) -> list[str] | None:
+def harness_list_traits(settings: Settings) -> list[str] | None:
     """Names of the traits this plugin can load (all plugins' answers are merged)."""
 
 
 @hookspec(firstresult=True)
-def harness_load_trait(name: str, settings: Any) -> Any:
+def harness_load_trait(name: str, settings: Settings) -> TraitSpec | None:
     """Return the ``TraitSpec`` for ``name``, or None when this plugin does not know it."""
 
 
 # -- component registration: each plugin registers named factories ------------------
 @hookspec
-def harness_register_generators(register: Any) -> None:
-    """Call ``register(name, factory, description=...)``; ``factory(settings)`` -> Generator."""
+def harness_register_generators(register: Register) -> None:
+    """Call ``register(name, factory, description=...)``; ``factory(settings)`` -> a ``Generator``
+    (``harness.core.protocols.Generator``; subclass ``BaseGenerator`` for the defaults)."""
 
 
 @hookspec
-def harness_register_judges(register: Any) -> None:
-    """Call ``register(name, factory, description=...)``; ``factory(settings)`` -> Judge."""
+def harness_register_judges(register: Register) -> None:
+    """Call ``register(name, factory, description=...)``; ``factory(settings)`` -> a ``Judge``
+    (``harness.core.protocols.Judge``; subclass ``BaseJudge`` for the defaults)."""
 
 
 @hookspec
-def harness_register_filters(register: Any) -> None:
-    """Call ``register(name, factory, description=...)``; ``factory(settings)`` -> Filter."""
+def harness_register_filters(register: Register) -> None:
+    """Call ``register(name, factory, description=...)``; ``factory(settings)`` -> a ``Filter``
+    (``harness.core.protocols.Filter``; subclass ``BaseFilter`` for the defaults)."""
 
 
 @hookspec
-def harness_register_extractors(register: Any) -> None:
-    """Call ``register(name, factory, description=...)``; ``factory(settings)`` -> Extractor."""
+def harness_register_extractors(register: Register) -> None:
+    """Call ``register(name, factory, description=...)``; ``factory(settings)`` -> a ``Extractor``
+    (``harness.core.protocols.Extractor``; subclass ``BaseExtractor`` for the defaults)."""
 
 
 # -- shared resources --------------------------------------------------------------
 @hookspec(firstresult=True)
-def harness_load_model(model_id: str, settings: Any) -> Any:
+def harness_load_model(model_id: str, settings: Settings) -> LoadedModel | None:
     """Return a ``LoadedModel`` (model + tokenizer) for ``model_id``, or None."""
 
 
 # -- command line ------------------------------------------------------------------
 @hookspec
-def harness_register_commands(subparsers: Any) -> None:
+def harness_register_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add sub-commands to the ``persona-harness`` CLI (an argparse subparsers object).
 
     Set ``func`` with ``parser.set_defaults(func=callable(args) -> int)``.
@@ -65,15 +80,15 @@ def harness_register_commands(subparsers: Any) -> None:
 
 # -- observers: every implementation is called; return values are ignored ----------
 @hookspec
-def harness_run_started(run: Any) -> None:
+def harness_run_started(run: RunContext) -> None:
     """A trait run started; ``run`` is the ``RunContext`` (settings, trait, run_dir)."""
 
 
 @hookspec
-def harness_stage_finished(run: Any, stage: str, records: list) -> None:
+def harness_stage_finished(run: RunContext, stage: str, records: list) -> None:
     """A stage (generate, judge, filter, extract) finished with these records."""
 
 
 @hookspec
-def harness_run_finished(run: Any, summary: dict) -> None:
+def harness_run_finished(run: RunContext, summary: dict) -> None:
     """A trait run finished; ``summary`` is what run.json holds under ``summary``."""

@@ -6,6 +6,7 @@ batch finishes, so an interrupted run resumes and an identical rerun recomputes 
 
 from __future__ import annotations
 
+import datetime as _dt
 import itertools
 import os
 import platform
@@ -22,13 +23,18 @@ from harness.core.artifacts import append_jsonl, atomic_write_json, read_jsonl, 
 from harness.models.activations import NonFiniteActivationError
 from harness.core.batching import run_with_oom_halving
 from harness.core.cache import Cache, cache_key
-from harness.core.config import Settings
+from harness.core.config import Settings, validate_settings
+from harness.core.locks import hold_run_dir, run_lock_scope
 from harness.core import distributed as _dist
 from harness.core.errors import HarnessError, NoEffectivePairsError
+from harness.core.model_ids import canonical_model_id, model_identity
 from harness.models.loading import system_prompt
-from harness.core.plugins import build_registry, get_plugin_manager, plugin_info
-from harness.core.records import Generation, GenerationRequest, Judgment, LAYER_CONVENTION, Selection, TraitSpec, VectorSet
+from harness.core.plugins import build_registry, get_plugin_manager, lookup_trait, plugin_info
+from harness.core.records import (
+    LAYER_CONVENTION, Generation, GenerationRequest, Judgment, Selection, TraitSpec, VectorSet, peak_layer,
+)
 from harness.core.rubrics import COHERENCE, judge_items
+from harness.core.runs import LATEST, allocate_run_dir, is_run_id, trait_root, write_latest
 
 STAGES = ("generate", "judge", "filter", "extract")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -57,15 +63,31 @@ class RunContext:
     models: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     progress: Callable | None = None
+    identities: dict = field(default_factory=dict)
+
+    def model_identity(self, model_id: str | None = None) -> dict:
+        """``harness.core.model_ids.model_identity`` of a model (``settings.model`` by default), once per
+        context: what the cache keys hold and run.json records. Needs no loaded model."""
+        model_id = canonical_model_id(model_id or self.settings.model)
+        if model_id not in self.identities:
+            self.identities[model_id] = model_identity(model_id, self.settings)
+        return self.identities[model_id]
 
     def model(self, model_id: str | None = None):
         """The loaded model (``settings.model`` by default), loaded once per context."""
-        model_id = model_id or self.settings.model
+        model_id = canonical_model_id(model_id or self.settings.model)
         if model_id not in self.models:
             t0 = time.perf_counter()
             lm = self.pm.hook.harness_load_model(model_id=model_id, settings=self.settings)
             if lm is None:
                 raise HarnessError(f"no plugin could load model {model_id!r}")
+            loaded = (getattr(lm, "info", None) or {}).get("fingerprint")
+            keyed = self.identities.get(model_id, {}).get("fingerprint")
+            if loaded is not None and keyed is not None and loaded != keyed:
+                raise HarnessError(
+                    f"model {model_id!r} changed after this run made its cache keys (fingerprint {keyed} "
+                    f"then, {loaded} when loaded). Fix: run again once the checkpoint stops changing (a hub model: pin "
+                    "--revision COMMIT)")
             self.models[model_id] = lm
             self.timings["load_model"] = self.timings.get("load_model", 0.0) + time.perf_counter() - t0
         return self.models[model_id]
@@ -142,18 +164,20 @@ def _journal_close(ctx: RunContext, stage: str) -> None:
         path.unlink()
 
 
-def _component_config(obj: Any) -> dict:
-    cfg = getattr(obj, "config", None)
-    return cfg() if callable(cfg) else {}
+def generation_key(ctx: RunContext, generator, r: GenerationRequest, *, config: dict | None = None, **extra) -> str:
+    """Cache key of one generation: the generator (name and ``config()``, which carries its version),
+    the model's identity (fingerprint, dtype, chat settings: ``RunContext.model_identity``) and the
+    request. ``extra`` (e.g. a steering spec) is added as is."""
+    return cache_key("generate", generator=generator.name, config=generator.config() if config is None else config,
+                     model=ctx.model_identity(), messages=r.messages, temperature=r.temperature, top_p=r.top_p,
+                     max_new_tokens=r.max_new_tokens, seed=r.seed, id=r.id, **extra)
 
 
 def run_generate(ctx: RunContext, requests: Sequence[GenerationRequest], generator) -> list[Generation]:
     s = ctx.settings
     assert ctx.cache is not None
-    keys = {r.id: cache_key("generate", generator=generator.name, config=_component_config(generator),
-                            model=s.model, messages=r.messages, temperature=r.temperature, top_p=r.top_p,
-                            max_new_tokens=r.max_new_tokens, seed=r.seed, id=r.id)
-            for r in requests}
+    cfg = generator.config()
+    keys = {r.id: generation_key(ctx, generator, r, config=cfg) for r in requests}
     cached = ctx.cache.get_many(keys.values())
     done: dict[str, Generation] = {}
     for r in requests:
@@ -167,9 +191,7 @@ def run_generate(ctx: RunContext, requests: Sequence[GenerationRequest], generat
             done[r.id] = Generation.from_dict(recovered[keys[r.id]])
     todo = [r for r in requests if r.id not in done]
     if todo:
-        needs_model = getattr(generator, "needs_model", True)
-        lm = ctx.model() if needs_model else None
-        bs = generator.batch_size(lm) if hasattr(generator, "batch_size") else (s.batch_size or 32)
+        bs = generator.batch_size(ctx)
         todo.sort(key=lambda r: (r.temperature, r.top_p, len(r.system_prompt) + len(r.question)))
         bar = _bar(ctx, len(todo), "generate")
         journal = _journal_path(ctx, "generate")
@@ -198,8 +220,8 @@ def run_judge(ctx: RunContext, trait: TraitSpec, gens: Sequence[Generation], jud
     s = ctx.settings
     assert ctx.cache is not None
     items = judge_items(trait.name, trait.eval_prompt, list(gens))
-    jmodel = getattr(judge, "model_id", "") or s.judge_model
-    cfg = _component_config(judge)
+    jmodel = judge.model_id or s.judge_model
+    cfg = judge.config()
     keys = [cache_key("judge", judge=judge.name, judge_model=jmodel, config=cfg, metric=it.metric, prompt=it.prompt)
             for it in items]
     cached = ctx.cache.get_many(keys)
@@ -215,7 +237,7 @@ def run_judge(ctx: RunContext, trait: TraitSpec, gens: Sequence[Generation], jud
             results[i] = Judgment.from_dict({**recovered[k], "generation_id": items[i].generation_id})
     todo = [i for i in range(len(items)) if i not in results]
     if todo:
-        bs = getattr(judge, "batch_size", None) or s.judge_batch_size
+        bs = judge.batch_size(ctx)
         # judge one metric (one rubric: a long shared prefix) and similar lengths together
         todo.sort(key=lambda i: (items[i].metric, len(items[i].prompt)))
         bar = _bar(ctx, len(todo), "judge")
@@ -267,34 +289,41 @@ def norm_peak(vs: VectorSet, method: str = "response_avg_diff") -> dict:
     v = vs.tensors[method]
     norms = v.float().norm(dim=-1).tolist()
     L = len(norms) - 1
-    inner = list(range(1, L)) if L > 1 else list(range(len(norms)))
-    peak = max(inner, key=lambda i: norms[i])
+    peak = peak_layer(norms)
     return {"method": method, "peak_layer": peak, "num_layers": L, "relative_depth": peak / L if L else 0.0,
             "norms": [round(x, 6) for x in norms], "final_norm_index": L}
 
 
+def run_folder(s: Settings, trait_name: str) -> Path:
+    """Where a run writes: ``--out DIR`` exactly; else a new run folder ``RUNS_DIR/<model>/<trait>/<run-id>``
+    (``harness.core.runs``), whose id the trait folder's ``latest`` file names once run.json is written.
+    Only rank 0 of a torchrun job writes the real folder; other ranks get a throwaway one."""
+    if s.out_dir:
+        return _dist.private_run_dir(Path(s.out_dir))
+    root = trait_root(s.runs_dir or "runs", slug(s.model), trait_name)
+    if _dist.rank_world()[0] != 0:
+        return _dist.private_run_dir(root)
+    return allocate_run_dir(root)
+
+
+@run_lock_scope
 def run_trait(trait: str | TraitSpec, settings: Settings | None = None, *, pm=None, ctx: RunContext | None = None,
               stages: Sequence[str] = STAGES, splits: Sequence[str] | None = None) -> RunResult:
     """Run the pipeline for one trait and write its run directory."""
     s = settings or Settings()
+    validate_settings(s)  # before any model loads
     pm = pm or get_plugin_manager(modules=s.plugins)
     t_start = time.perf_counter()
     if isinstance(trait, str):
         safe_name(trait)
-        spec = pm.hook.harness_load_trait(name=trait, settings=s)
-        if spec is None:
-            known = sorted({n for ns in pm.hook.harness_list_traits(settings=s) for n in (ns or [])})
-            from harness.core.errors import UnknownComponentError
-
-            raise UnknownComponentError("trait", trait, known)
+        spec = lookup_trait(pm, trait, s)
     else:
         spec = trait
     safe_name(spec.name)
     splits = tuple(splits or s.splits)
-    run_dir = Path(s.out_dir) if s.out_dir else Path("runs") / slug(s.model) / spec.name
     _dist.init()  # no-op unless launched by torchrun (WORLD_SIZE > 1)
-    run_dir = _dist.private_run_dir(run_dir)  # only rank 0 writes the real run directory
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_folder(s, spec.name)  # --out DIR exactly, else a new RUNS_DIR/<model>/<trait>/<run-id>
+    hold_run_dir(run_dir)  # creates it; one writing process at a time (harness.core.locks)
     ctx = ctx or RunContext(settings=s, pm=pm)
     ctx.trait, ctx.run_dir = spec, run_dir
     ctx.cache = ctx.cache or Cache(s.cache_dir)
@@ -393,15 +422,19 @@ def _summary(spec, s, gens, judgments, selection, vectors, run_dir) -> dict:
 
 def _write_run_json(run_dir, s, pm, spec, components, ctx, summary, t_start, status="ok") -> None:
     cache = ctx.cache
+    # a run folder of the history: allocated by run_folder, or named again with --out (a rerun into it)
+    history = is_run_id(Path(run_dir).name) and (not s.out_dir or (Path(run_dir).parent / LATEST).is_file())
     lm = next(iter(ctx.models.values()), None)
     header = {
         "format": "persona-harness-run/1",
         "status": status,
         "harness_version": __version__,
         "trait": {"name": spec.name, "source": spec.source, "eval_source": spec.eval_source, "hash": spec.hash},
-        "model": {"id": s.model, **({"class": lm.info.get("class"), "num_layers": lm.num_layers,
-                                     "hidden_size": lm.hidden_size, "device": str(lm.device), "dtype": str(lm.dtype)}
-                                    if lm is not None else {})},
+        # identity: the model fingerprint, dtype and chat settings the cache keys hold
+        "model": {"id": s.model, "identity": ctx.model_identity(),
+                  **({"class": lm.info.get("class"), "num_layers": lm.num_layers, "hidden_size": lm.hidden_size,
+                      "device": str(lm.device), "dtype": str(lm.dtype), "chat": lm.info.get("chat")}
+                     if lm is not None else {})},
         "components": components,
         "config": {k: v for k, v in s.to_dict().items()},
         "plugins": plugin_info(pm),
@@ -410,7 +443,29 @@ def _write_run_json(run_dir, s, pm, spec, components, ctx, summary, t_start, sta
                    "pairs_kept": summary.get("pairs_kept"), "cache_hits": cache.hits if cache else 0,
                    "cache_misses": cache.misses if cache else 0},
         "timings": {**ctx.timings, "total": round(time.perf_counter() - t_start, 3)},
-        "environment": {"python": platform.python_version(), "platform": platform.platform()},
+        "environment": _environment(s, lm),
+        "run": {"id": run_dir.name if history else None, "dir": str(run_dir),
+                "created": (_dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(seconds=time.perf_counter() - t_start))
+                .isoformat(timespec="seconds")},
         "summary": summary,
     }
     atomic_write_json(run_dir / "run.json", header)
+    if history:  # a history run folder becomes its trait's latest; --out folders have no pointer
+        write_latest(run_dir)
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _environment(s: Settings, lm: Any) -> dict:
+    """What run.json records about the software and the device (versions read without importing)."""
+    return {"python": platform.python_version(), "platform": platform.platform(), "harness": __version__,
+            **{d: _version(d) for d in ("torch", "transformers", "tokenizers")},
+            "device": str(lm.device) if lm is not None else s.device,
+            "dtype": str(lm.dtype) if lm is not None else s.dtype}

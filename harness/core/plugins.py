@@ -93,14 +93,17 @@ class Registry:
             raise UnknownComponentError(self.kind, name, list(self.components)) from None
 
     def create(self, name: str, settings: Any) -> Any:
+        """Build the component and check it against its kind's protocol (``harness.core.protocols``)."""
+        from harness.core.protocols import check_component
+
         comp = self.get(name)
         obj = comp.factory(settings)
-        if getattr(obj, "name", None) is None:
+        if not getattr(obj, "name", None):
             try:
                 obj.name = name
             except AttributeError:
                 pass
-        return obj
+        return check_component(self.kind, name, comp.plugin, obj)
 
     def names(self) -> list[str]:
         return sorted(self.components)
@@ -150,3 +153,17 @@ def plugin_info(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
         hooks = sorted(h.name for h in (pm.get_hookcallers(plugin) or []))
         out.append({"name": name, "distribution": project, "version": version, "hooks": hooks})
     return sorted(out, key=lambda d: d["name"])
+
+
+def known_traits(pm: pluggy.PluginManager, settings: Any) -> list[str]:
+    """Every trait name the trait sources list (merged, sorted)."""
+    return sorted({n for ns in pm.hook.harness_list_traits(settings=settings) for n in (ns or [])})
+
+
+def lookup_trait(pm: pluggy.PluginManager, name: str, settings: Any) -> Any:
+    """The ``TraitSpec`` for ``name`` from the trait sources; an unknown name is an
+    ``UnknownComponentError`` listing the known traits (with a did-you-mean)."""
+    spec = pm.hook.harness_load_trait(name=name, settings=settings)
+    if spec is None:
+        raise UnknownComponentError("trait", name, known_traits(pm, settings))
+    return spec

@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 Polarity = Literal["pos", "neg"]
 Split = Literal["extract", "eval"]
@@ -19,6 +19,18 @@ LAYER_CONVENTION = (
     "hidden_states: index 0 = embedding output, index L (1..num_hidden_layers) = output of "
     "model.layers[L-1]; HF applies the final norm to the last index"
 )
+
+
+def inner_layers(n_indices: int) -> range:
+    """The inner ``hidden_states`` indices 1..L-1 of a model with ``n_indices = L + 1``: index 0 (the
+    embeddings) and index L (after the final norm) are never picked (all indices when L < 2)."""
+    L = n_indices - 1
+    return range(1, L) if L > 1 else range(0, n_indices)
+
+
+def peak_layer(values: Sequence[float]) -> int:
+    """The inner index of the largest value (the norm-peak rule); the first one on ties."""
+    return max(inner_layers(len(values)), key=lambda i: values[i])
 
 
 def canonical_json(obj: Any) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harness.core.records import Generation, content_hash
+from harness.core.records import Generation
 
 RUBRIC_VERSION = "1"
 
@@ -48,6 +48,3 @@ def judge_items(trait_name: str, trait_rubric: str, gens: list[Generation], metr
                                  prompt=fill(rubric, g.question, g.response)))
     return out
 
-
-def rubric_hash(rubric: str) -> str:
-    return content_hash({"rubric": rubric, "version": RUBRIC_VERSION})[:16]

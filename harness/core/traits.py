@@ -13,10 +13,12 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
+from harness.core.artifacts import json_depth
 from harness.core.errors import TraitFileError
 from harness.core.records import InstructionPair, TraitSpec
 
 MAX_BYTES = 1_000_000
+MAX_DEPTH = 4  # {"instruction": [{"pos": ...}]} is 3 levels
 ALLOWED_KEYS = {"instruction", "questions", "eval_prompt", "description", "version"}
 PLACEHOLDERS = {"question", "answer"}
 PAPER_PAIRS, PAPER_QUESTIONS = 5, 20
@@ -41,6 +43,10 @@ def read_trait_file(path: str | Path) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise TraitFileError(path, "(file)", f"not UTF-8 (byte {e.start})", "save the file as UTF-8") from None
+    depth = json_depth(text)
+    if depth > MAX_DEPTH:
+        raise TraitFileError(path, "(file)", f"JSON nested {depth} levels deep (a trait file needs {MAX_DEPTH - 1})",
+                             'write {"instruction": [{"pos": ..., "neg": ...}], "questions": [...], "eval_prompt": ...}')
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -48,6 +54,16 @@ def read_trait_file(path: str | Path) -> dict[str, Any]:
                              "fix the JSON syntax") from None
     validate_trait_data(data, path)
     return data
+
+
+def _check_text(path: str | Path, field: str, text: str) -> None:
+    """Text must encode as UTF-8: a JSON escape such as \\ud800 gives a lone surrogate, which cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TraitFileError(path, field, f"holds a lone surrogate (\\u{ord(text[e.start]):04x} at character {e.start}), "
+                             "which is not text", "remove it, or write the character itself (a surrogate pair "
+                             "escape must be complete)") from None
 
 
 def validate_trait_data(data: Any, path: str | Path = "<data>") -> None:
@@ -76,6 +92,7 @@ def validate_trait_data(data: Any, path: str | Path = "<data>") -> None:
                 raise TraitFileError(path, f"{where}.{side}", "missing", f"add a '{side}' instruction")
             if not isinstance(pair[side], str) or not pair[side].strip():
                 raise TraitFileError(path, f"{where}.{side}", "must be a non-empty string", "write the instruction text")
+            _check_text(path, f"{where}.{side}", pair[side])
         if set(pair) - {"pos", "neg"}:
             raise TraitFileError(path, where, f"unknown keys {sorted(set(pair) - {'pos', 'neg'})}", "keep only 'pos' and 'neg'")
     qs = data["questions"]
@@ -87,20 +104,40 @@ def validate_trait_data(data: Any, path: str | Path = "<data>") -> None:
     for i, q in enumerate(qs):
         if not isinstance(q, str) or not q.strip():
             raise TraitFileError(path, f"questions[{i}]", "must be a non-empty string", "write the question text")
+        _check_text(path, f"questions[{i}]", q)
         n = normalize_question(q)
         if n in seen:
             raise TraitFileError(path, f"questions[{i}]", f"duplicate of questions[{seen[n]}]", "remove or reword one of them")
         seen[n] = i
+    for key in ("description", "version"):
+        if isinstance(data.get(key), str):
+            _check_text(path, key, data[key])
     validate_rubric(data["eval_prompt"], path)
 
 
 def validate_rubric(rubric: Any, path: str | Path, field: str = "eval_prompt") -> None:
+    """A rubric is text with exactly the placeholders ``{question}`` and ``{answer}``: no conversion
+    (``!r``), no format spec (``:>10``, nested ``{...}``), no attribute or index access."""
     if not isinstance(rubric, str) or not rubric.strip():
         raise TraitFileError(path, field, "must be a non-empty string", "write the judge rubric")
+    _check_text(path, field, rubric)
+    braces = "write literal braces as {{ and }}"
     try:
-        names = {fname for _, fname, _, _ in string.Formatter().parse(rubric) if fname is not None}
+        parts = [p for p in string.Formatter().parse(rubric) if p[1] is not None]
     except ValueError as e:
-        raise TraitFileError(path, field, f"bad braces ({e})", "write literal braces as {{ and }}") from None
+        raise TraitFileError(path, field, f"bad braces ({e})", braces) from None
+    for _, fname, spec, conv in parts:
+        shown = "{" + fname + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+        if conv is not None:
+            raise TraitFileError(path, field, f"placeholder {shown} has a conversion (!{conv})",
+                                 f"write {{{fname.split('.')[0].split('[')[0]}}} without it; {braces}")
+        if spec:
+            raise TraitFileError(path, field, f"placeholder {shown} has a format spec",
+                                 f"write {{{fname.split('.')[0].split('[')[0]}}} without ':...'; {braces}")
+        if fname not in PLACEHOLDERS and ("." in fname or "[" in fname):
+            raise TraitFileError(path, field, f"placeholder {shown} uses attribute or index access",
+                                 f"use only {{question}} and {{answer}}; {braces}")
+    names = {p[1] for p in parts}
     unknown = sorted(n for n in names if n not in PLACEHOLDERS)
     if unknown:
         raise TraitFileError(path, field, f"unknown placeholder {{{unknown[0]}}}",
@@ -149,8 +186,11 @@ def load_trait_files(extract_path: str | Path, eval_path: str | Path | None = No
     checks: dict = {}
     if checks_path is not None and Path(checks_path).exists():
         try:
-            checks = json.loads(Path(checks_path).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            text = Path(checks_path).read_text(encoding="utf-8")
+            if json_depth(text) > 16:
+                raise ValueError("nested more than 16 levels deep")
+            checks = json.loads(text)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise TraitFileError(checks_path, "(file)", f"not valid JSON ({e})", "fix the JSON syntax") from None
         if not isinstance(checks, dict):
             raise TraitFileError(checks_path, "(top level)", "expected an object", "see README 'Acceptance checks'")

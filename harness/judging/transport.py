@@ -36,6 +36,7 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 from urllib.parse import urlparse
 
 from harness.core.errors import HarnessError
+from harness.core.redact import install_log_redaction, is_env_var_name, redact, register_secret
 
 log = logging.getLogger("persona_harness.judging")
 T = TypeVar("T")
@@ -66,7 +67,7 @@ class BadResponse(Exception):
 
 
 def _body_excerpt(data: bytes, n: int = 80) -> str:
-    return data[:n].decode("utf-8", errors="replace").replace("\n", " ")
+    return redact(data[:n].decode("utf-8", errors="replace").replace("\n", " "))
 
 
 async def check_json_body(response: Any) -> None:
@@ -150,13 +151,17 @@ def api_key(settings: Any) -> str:
     var = getattr(settings, "judge_api_key_env", "") or "OPENAI_API_KEY"
     key = os.environ.get(var, "")
     if key:
+        install_log_redaction()
+        register_secret(key)  # scrubbed from every error text, record and log line from now on
         return key
     url = base_url_of(settings)
     if server_kind(url) == "local":
         return LOCAL_PLACEHOLDER_KEY
+    shown = var if is_env_var_name(var) else "named by --judge-api-key-env (its value is not repeated: it may be a key)"
     raise HarnessError(
-        f"the judge server {url} needs an API key, but the environment variable {var} is not set. "
-        f"Fix: export {var}=... (or name another variable with --judge-api-key-env)")
+        f"the judge server {url} needs an API key, but the environment variable {shown} is not set. "
+        f"Fix: export {var if is_env_var_name(var) else 'MY_JUDGE_KEY'}=... (or name another variable with "
+        "--judge-api-key-env)")
 
 
 _MODEL_CACHE: dict[str, str] = {}
@@ -344,7 +349,7 @@ async def call_with_retries(fn: Callable[[], Awaitable[T]], policy: RetryPolicy,
                     ) from None
             reason, retryable, retry_after = classify(e)
             shown = next((c for c in _chain(e) if isinstance(c, BadResponse)), e)
-            msg = str(shown).splitlines()[0][:300] if str(shown) else type(shown).__name__
+            msg = redact(str(shown).splitlines()[0])[:300] if str(shown) else type(shown).__name__
             if not retryable or attempt == policy.retries:
                 d: dict = {"attempts": attempt + 1, "error": msg}
                 if waited:

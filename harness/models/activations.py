@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Sequence
 
+from harness.models.batch import examples_batch
+
 METHODS = ("response_avg", "prompt_avg", "prompt_last")
 
 
@@ -27,21 +29,9 @@ def example_means(lm, examples: Sequence[tuple[Sequence[int], Sequence[int]]], b
     pad = lm.tokenizer.pad_token_id or 0
     for s in range(0, len(examples), batch_size):
         chunk = examples[s: s + batch_size]
-        T = max(len(p) + len(r) for p, r in chunk)
         B = len(chunk)
-        ids = torch.full((B, T), pad, dtype=torch.long)
-        att = torch.zeros((B, T), dtype=torch.long)
-        resp = torch.zeros((B, T), dtype=torch.bool)
-        prm = torch.zeros((B, T), dtype=torch.bool)
-        last = torch.zeros(B, dtype=torch.long)
-        for i, (p, r) in enumerate(chunk):
-            n = len(p) + len(r)
-            ids[i, :n] = torch.tensor(list(p) + list(r))
-            att[i, :n] = 1
-            prm[i, : len(p)] = True
-            resp[i, len(p): n] = True
-            last[i] = len(p) - 1
-        ids, att, resp, prm, last = ids.to(dev), att.to(dev), resp.to(dev), prm.to(dev), last.to(dev)
+        b = examples_batch(chunk, pad).to(dev)
+        ids, att, resp, prm, last = b.ids, b.attention, b.response, b.prompt, b.last
         with torch.inference_mode():
             out = model(input_ids=ids, attention_mask=att, output_hidden_states=True, use_cache=False,
                         logits_to_keep=1)

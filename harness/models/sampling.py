@@ -23,6 +23,8 @@ _C0 = _s64(0x9E3779B97F4A7C15)
 _C1 = _s64(0xBF58476D1CE4E5B9)
 _C2 = _s64(0x94D049BB133111EB)
 _STEP = _s64(0xD1B54A32D192ED03)
+# the hash's constants, for kernels that compute the same noise on the device (harness.engine.kernels)
+HASH_CONSTANTS = {"C0": _C0, "C1": _C1, "C2": _C2, "STEP": _STEP}
 
 
 def row_seed(seed: int, request_id: str) -> int:
@@ -79,3 +81,20 @@ def sample_tokens(logits, seeds, step: int, temperature: float, top_p: float = 1
     u = uniform_noise(seeds.to(logits.device), step, logits.shape[-1])
     gumbel = -torch.log(-torch.log(u))
     return (scaled + gumbel).argmax(dim=-1)
+
+
+def seeded_logits_processor(seeds, prompt_len: int, temperature: float, top_p: float = 1.0):
+    """A transformers ``LogitsProcessor`` that makes greedy ``generate`` emit ``sample_tokens``' choice at
+    every step (``seeds`` int64 ``[B]`` on the model's device; the step counts from ``prompt_len``)."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class SeededSampler(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            step = input_ids.shape[1] - prompt_len
+            tok = sample_tokens(scores, seeds, step, temperature, top_p)
+            out = torch.full_like(scores, float("-inf"))
+            out.scatter_(1, tok[:, None], 0.0)
+            return out
+
+    return SeededSampler()

@@ -33,6 +33,10 @@ class KeywordJudge:
         """Everything that changes a score is part of the cache key."""
         return {"words": list(self.words), "version": 1}
 
+    def batch_size(self, ctx: Any) -> int:
+        """Items per judge() call (the pipeline caches after each call)."""
+        return 64
+
     def judge(self, items: Sequence[Any], ctx: Any = None) -> list:
         from harness.core.records import Judgment
 

@@ -1,6 +1,6 @@
-"""README "Traits from elsewhere": the trait-source plugin runs exactly as documented.
+"""docs/judges.md "Traits from elsewhere": the trait-source plugin runs exactly as documented.
 
-The module and the commands are taken from the README as written; they run from a temporary
+The module and the commands are taken from the docs page as written; they run from a temporary
 folder that holds ``my_traits_plugin.py`` and its ``traits.sqlite`` (no ``PYTHONPATH``), through the
 installed ``persona-harness`` console script, as a user would run them.
 """
@@ -19,31 +19,31 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+DOC = ROOT / "docs" / "judges.md"
 
 
 def _section() -> str:
-    text = README.read_text()
+    text = DOC.read_text()
     start = text.index("### Traits from elsewhere")
-    end = text.index("\n## ", start)
-    return text[start:end]
+    end = text.find("\n## ", start)
+    return text[start:] if end < 0 else text[start:end]
 
 
-def readme_module() -> str:
+def docs_module() -> str:
     for block in re.findall(r"```python\n(.*?)```", _section(), flags=re.S):
         if block.lstrip().startswith("# my_traits_plugin.py"):
             return block
-    raise AssertionError("README: no python block starting with '# my_traits_plugin.py'")
+    raise AssertionError(f"{DOC}: no python block starting with '# my_traits_plugin.py'")
 
 
-def readme_commands() -> list[list[str]]:
+def docs_commands() -> list[list[str]]:
     cmds = []
     for block in re.findall(r"```bash\n(.*?)```", _section(), flags=re.S):
         for line in block.splitlines():
             line = line.split("#", 1)[0].strip()
             if line.startswith("persona-harness "):
                 cmds.append(shlex.split(line))
-    assert cmds, "README: no persona-harness command in the trait-source section"
+    assert cmds, f"{DOC}: no persona-harness command in the trait-source section"
     return cmds
 
 
@@ -58,10 +58,10 @@ def console_script() -> str:
 def plugin_dir(tmp_path) -> Path:
     d = tmp_path / "project"
     d.mkdir()
-    (d / "my_traits_plugin.py").write_text(readme_module())
+    (d / "my_traits_plugin.py").write_text(docs_module())
     ex = json.loads((ROOT / "traits" / "sycophantic" / "extract.json").read_text())
     ev = json.loads((ROOT / "traits" / "sycophantic" / "eval.json").read_text())
-    with sqlite3.connect(d / "traits.sqlite") as db:  # the schema the README's comment gives
+    with sqlite3.connect(d / "traits.sqlite") as db:  # the schema the docs' comment gives
         db.execute("CREATE TABLE traits (name TEXT PRIMARY KEY, extract TEXT, eval TEXT)")
         db.execute("INSERT INTO traits VALUES (?, ?, ?)", ("optimistic", json.dumps(ex), json.dumps(ev)))
     return d
@@ -73,8 +73,8 @@ def _env() -> dict:
     return env
 
 
-def test_readme_traits_command_lists_the_plugins_traits(plugin_dir):
-    traits_cmd = next(c for c in readme_commands() if c[1] == "traits")
+def test_docs_traits_command_lists_the_plugins_traits(plugin_dir):
+    traits_cmd = next(c for c in docs_commands() if c[1] == "traits")
     assert "--plugin" in traits_cmd and "my_traits_plugin" in traits_cmd
     r = subprocess.run([console_script(), *traits_cmd[1:]], cwd=plugin_dir, capture_output=True, text=True,
                        env=_env(), timeout=300)

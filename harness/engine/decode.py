@@ -1,0 +1,308 @@
+"""The engine's generation: prefill, the decode loop, CUDA graphs.
+
+* the model's own decoder layers are called as modules (forward hooks fire), with the engine's
+  attention (``attention.py``), a static cache (``kv_cache.py``) and the architecture's pieces around
+  the blocks (``support.Arch``: embedding multiplier, rotary tables per layer type, sliding-window
+  masks, logit scaling and soft-capping);
+* every block call gets a ``harness.models.blockcall.BlockCall`` (real positions, prefill or decode,
+  which caller row each batch row is), so hooks such as steering know what HF's forward would tell them;
+* logits for the last position only; sampling on the device (``kernels.sample_step`` or the fused
+  Gumbel kernel), with the step as a tensor;
+* on CUDA each decode step is captured once per KV-length bucket in a CUDA graph and replayed; graphs are
+  kept between calls of the same batch shape and dropped when the model's hooks change; with hooks on the
+  model (steering) the step runs eagerly unless ``graphs="always"`` (replay freezes what a hook does);
+* per-row stop at end-of-turn (finished rows emit padding; the loop ends once all rows stop).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+from harness.engine.kernels import gumbel_argmax_cuda, sample_step
+from harness.engine.kv_cache import StaticKVCache
+from harness.engine.support import ARCHS, Arch, layer_windows
+from harness.models.batch import left_padded
+from harness.models.blockcall import BlockCall
+from harness.models.loading import cache_kwarg
+
+if TYPE_CHECKING:  # pragma: no cover
+    from harness.engine.engine import Engine
+
+
+@dataclass
+class GenOutput:
+    ids: list[int]  # generated ids, end-of-turn token excluded
+    finish_reason: str  # "stop" | "length"
+
+
+def hook_signature(model) -> tuple:
+    """Forward hooks on the model's modules, ignoring transformers' own (inactive) output-capturing hooks."""
+    sig = []
+    for name, m in model.named_modules():
+        for d in (m._forward_hooks, m._forward_pre_hooks):
+            keys = tuple(k for k, f in d.items() if not getattr(f, "__module__", "").startswith("transformers."))
+            if keys:
+                sig.append((name, keys))
+    return tuple(sig)
+
+
+class Slot:
+    """Cache, state tensors and captured graphs for one (batch, capacity) shape."""
+
+    def __init__(self, engine: "Engine", B: int, capacity: int, max_new: int):
+        import torch
+
+        e = engine
+        dev = e.device
+        self.B, self.capacity, self.max_new = B, capacity, max_new
+        self.cache = StaticKVCache(e.n_layers, B, e.kv_heads, capacity, e.head_dim, e.dtype, dev)
+        self.ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.valid = torch.zeros(B, capacity, dtype=torch.bool, device=dev)
+        self.slots = torch.arange(capacity, device=dev)  # slot index, for sliding-window masks
+        self.done = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.step = torch.zeros(1, dtype=torch.long, device=dev)
+        self.seeds = torch.zeros(B, dtype=torch.long, device=dev)
+        self.wpos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.stops = None
+        self.out = torch.zeros(B, max_new, dtype=torch.long, device=dev)
+        self.graphs: dict = {}
+        self.pool = None
+        self.hook_sig = None
+
+
+class Decoder:
+    """Prefill and decode for one engine's model; owns the slot (cache, state, graphs) of the last shape."""
+
+    def __init__(self, engine: "Engine"):
+        import torch
+
+        self.e = engine
+        self.model, self.base = engine.model, engine.base
+        cfg = self.model.config
+        arch = ARCHS.get(getattr(cfg, "model_type", ""), Arch(""))
+        self.emb_mult = getattr(cfg, arch.embedding_multiplier) if arch.embedding_multiplier else None
+        self.logits_div = getattr(cfg, arch.logits_divisor) if arch.logits_divisor else None
+        self.logits_mul = getattr(cfg, arch.logits_multiplier) if arch.logits_multiplier else None
+        self.softcap = getattr(cfg, arch.final_softcap, None) if arch.final_softcap else None
+        self.windows = layer_windows(cfg, engine.n_layers)
+        rope = getattr(self.base, "rotary_emb", None)
+        takes_type = rope is not None and "layer_type" in inspect.signature(rope.forward).parameters
+        self.rope_types = list(cfg.layer_types)[: engine.n_layers] if takes_type else None  # per-layer-type tables
+        self.cache_kw = cache_kwarg(self.base.layers[0])
+        self.min_val = torch.finfo(torch.float32).min
+        self.slot: Slot | None = None
+
+    def cache_bytes(self) -> int:
+        return self.slot.cache.nbytes() if self.slot is not None else 0
+
+    def reset(self) -> None:
+        self.slot = None
+
+    # ------------------------------------------------------------------------ forward bits
+    def forward(self, ids, pos, masks: dict, cache, call: BlockCall):
+        """Logits at the last position; ``masks``: additive mask per sliding window (None: full attention)."""
+        import torch
+
+        h = self.base.embed_tokens(ids)
+        if self.emb_mult is not None:
+            h = h * self.emb_mult
+        if self.rope_types is not None:
+            tables = {t: self.base.rotary_emb(h, pos, t) for t in dict.fromkeys(self.rope_types)}
+        else:
+            pe = self.base.rotary_emb(h, pos)
+        kw = {self.cache_kw: cache, **call.kwargs()}
+        for i, layer in enumerate(self.base.layers):
+            if self.rope_types is not None:
+                pe = tables[self.rope_types[i]]
+            out = layer(h, attention_mask=masks[self.windows[i]], position_ids=pos, use_cache=True,
+                        position_embeddings=pe, **kw)
+            h = out[0] if isinstance(out, tuple) else out
+        h = self.base.norm(h[:, -1])
+        logits = self.model.lm_head(h)  # model dtype: argmax of bf16 equals argmax of its fp32 copy
+        if self.logits_div is not None:
+            logits = logits / self.logits_div
+        if self.logits_mul is not None:
+            logits = logits * self.logits_mul
+        if self.softcap is not None:
+            logits = logits / self.softcap
+            logits = torch.tanh(logits)
+            logits = logits * self.softcap
+        return logits
+
+    def prefill_masks(self, att) -> dict:
+        """Additive ``[B, 1, P, P]`` masks: causal, real keys only, and each sliding window."""
+        import torch
+
+        P = att.shape[1]
+        dev = att.device
+        allow = torch.ones(P, P, dtype=torch.bool, device=dev).tril()[None] & att[:, None, :]
+        masks = {}
+        for w in dict.fromkeys(self.windows):
+            a = allow
+            if w is not None:
+                i = torch.arange(P, device=dev)
+                a = a & ((i[:, None] - i[None, :]) < w)[None]  # HF: key index > query index - window
+            masks[w] = torch.where(a, 0.0, self.min_val)[:, None]
+        return masks
+
+    def decode_masks(self, s: Slot, kv: int) -> dict:
+        """Additive ``[B, 1, 1, kv]`` masks for the token at slot ``s.wpos``."""
+        import torch
+
+        valid = s.valid[:, :kv]
+        masks = {}
+        for w in dict.fromkeys(self.windows):
+            a = valid if w is None else valid & (s.slots[:kv] > s.wpos - w)
+            masks[w] = torch.where(a, 0.0, self.min_val)[:, None, None, :]
+        return masks
+
+    def sample(self, logits, seeds, step_t, temperature: float, top_p: float):
+        e = self.e
+        if e.fused_compile and temperature > 0 and top_p >= 1.0 and "gumbel" not in e.stats.get("fused_errors", {}):
+            try:
+                return gumbel_argmax_cuda(logits, seeds, step_t, temperature)
+            except Exception as ex:  # noqa: BLE001 - no Triton / compile failure: the torch ops
+                e.stats.setdefault("fused_errors", {})["gumbel"] = repr(ex)[:400]
+        return sample_step(logits, seeds, step_t, temperature, top_p)
+
+    def decode_step(self, s: Slot, temperature: float, top_p: float, pad: int, stop_ids, call: BlockCall) -> None:
+        """One decode step, all in place on the slot's state (so it can be captured in a graph)."""
+        import torch
+
+        logits = self.forward(s.ids, s.pos, self.decode_masks(s, s.cache.kv_len), s.cache, call)
+        nxt = self.sample(logits, s.seeds, s.step, temperature, top_p)
+        nxt = torch.where(s.done, torch.full_like(nxt, pad), nxt)
+        s.out.index_copy_(1, s.step, nxt[:, None])
+        if stop_ids is not None:
+            s.done |= torch.isin(nxt, stop_ids)
+        s.ids.copy_(nxt[:, None])
+        s.pos.add_(1)
+        s.cache.write_pos.add_(1)
+        s.valid.index_fill_(1, s.cache.write_pos, True)
+        s.step.add_(1)
+
+    def use_graphs(self) -> bool:
+        e = self.e
+        if e.device.type != "cuda" or e.graphs == "never":
+            return False
+        if e.graphs == "always":
+            return True
+        return not hook_signature(self.model)
+
+    def get_slot(self, B: int, cap: int, max_new: int) -> Slot:
+        s = self.slot
+        if s is None or s.B != B or s.capacity < cap or s.max_new < max_new:
+            self.slot = None
+            s = self.slot = Slot(self.e, B, max(cap, s.capacity if s is not None and s.B == B else 0),
+                                 max(max_new, s.max_new if s is not None and s.B == B else 0))
+        return s
+
+    # --------------------------------------------------------------------------- one batch
+    def run(self, prompts, max_new, temperature, top_p, seeds, stop_ids, pad, ignore_eos, cap,
+            rows: Sequence[int] | None = None, n: int | None = None) -> list[GenOutput]:
+        """Generate for one batch of prompts (token ids); ``rows``/``n``: which of the caller's ``n``
+        rows each batch row is (told to the hooks on the blocks)."""
+        import torch
+
+        e = self.e
+        dev = e.device
+        B = len(prompts)
+        P = max(len(p) for p in prompts)
+        s = self.get_slot(B, cap, max_new)
+        cache = s.cache
+        # ---- reset state and prefill (eager; prompt lengths vary between calls)
+        ids, att = left_padded(prompts, pad)
+        ids, att = ids.to(dev), att.bool().to(dev)
+        pos = (att.long().cumsum(-1) - 1).masked_fill(~att, 1)
+        s.valid.zero_()
+        s.valid[:, :P] = att
+        s.done.zero_()
+        s.out.fill_(pad)
+        s.step.zero_()
+        s.seeds.copy_(torch.tensor(seeds, dtype=torch.long))
+        stop_key = None if ignore_eos or not stop_ids else tuple(sorted(set(int(x) for x in stop_ids)))
+        if stop_key is None:
+            s.stops = None
+        elif s.stops is None or tuple(s.stops.tolist()) != stop_key:
+            s.stops = torch.tensor(stop_key, dtype=torch.long, device=dev)
+        stops = s.stops
+        cache.write_pos = torch.arange(P, device=dev)
+        cache.kv_len = P
+        # hooks on the blocks: the real positions, prefill vs decode, and the caller's row of each batch row
+        call = BlockCall(mask=att, prefill=True, rows=None if rows is None else tuple(rows), n=n)
+        with torch.inference_mode(), e.attention(), e.fused_ctx():
+            logits = self.forward(ids, pos, self.prefill_masks(att), cache, call)
+            call = call.replace(mask=None, prefill=False)  # decode: one new, real token per row
+            tok = self.sample(logits, s.seeds, s.step, temperature, top_p)
+            s.out[:, 0] = tok
+            if stops is not None:
+                s.done |= torch.isin(tok, stops)
+            s.ids.copy_(tok[:, None])
+            s.pos.copy_(pos[:, -1:] + 1)
+            s.wpos.fill_(P)
+            cache.write_pos = s.wpos
+            s.valid[:, P] = True
+            s.step.fill_(1)
+            use_graphs = self.use_graphs()
+            if use_graphs:
+                sig = (hook_signature(self.model), float(temperature), float(top_p), stop_key, pad)
+                if s.hook_sig != sig:
+                    # new graphs get a new private pool: capturing into the pool of the graphs just
+                    # destroyed trips the caching allocator (use_count assert, torch 2.11) and every
+                    # later step then ran eagerly (4x slower decode)
+                    s.graphs.clear()
+                    s.pool = None
+                    s.hook_sig = sig
+            t = 1
+            while t < max_new:
+                kv = min(s.capacity, int(math.ceil((P + t) / e.kv_bucket) * e.kv_bucket))
+                cache.kv_len = kv
+                g = s.graphs.get(kv) if use_graphs else None
+                if g is not None:
+                    g.replay()
+                elif use_graphs:
+                    g = self.capture(s, kv, temperature, top_p, pad, stops, call)
+                    if g is None:
+                        use_graphs = False
+                else:
+                    self.decode_step(s, temperature, top_p, pad, stops, call)
+                t += 1
+                if stops is not None and t % 16 == 0 and bool(s.done.all()):
+                    break
+            out = s.out[:, :max_new].tolist()
+        e.note_fused()
+        stopset = set(stop_ids)
+        res = []
+        for r in range(B):
+            row = out[r][:t] if stops is not None else out[r]
+            cut = next((k for k, x in enumerate(row) if x in stopset), None) if not ignore_eos else None
+            res.append(GenOutput(row[:cut], "stop") if cut is not None else GenOutput(row[:max_new], "length"))
+        return res
+
+    def capture(self, s: Slot, kv: int, temperature, top_p, pad, stops, call: BlockCall):
+        """Run this step eagerly on a side stream (warm-up), then capture it for later replays."""
+        import torch
+
+        e = self.e
+        st = torch.cuda.Stream(e.device)
+        st.wait_stream(torch.cuda.current_stream(e.device))
+        with torch.cuda.stream(st):
+            self.decode_step(s, temperature, top_p, pad, stops, call)
+        torch.cuda.current_stream(e.device).wait_stream(st)
+        if s.pool is None:
+            s.pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g, pool=s.pool):
+                self.decode_step(s, temperature, top_p, pad, stops, call)
+        except Exception as ex:  # a hook that syncs or allocates on the host: run eagerly instead
+            e.stats["graph_error"] = repr(ex)[:300]
+            s.pool = None  # a failed capture leaves its pool unusable for the next one
+            return None
+        s.graphs[kv] = g
+        e.stats["graphs"] = len(s.graphs)
+        return g

@@ -1,0 +1,35 @@
+"""The engine's static KV cache: one fixed buffer per layer, every row writing the same slot.
+
+Prompts are left-padded into one shared slot layout, so at each step every row writes the same
+slot (``write_pos``, a tensor, so CUDA graphs can replay the step); ``kv_len`` is how many slots the
+attention reads (the decode loop rounds it up to a bucket). The decoder layers call ``update`` as on
+any transformers ``Cache``.
+"""
+
+from __future__ import annotations
+
+
+class StaticKVCache:
+    """Per-layer K/V buffers ``[B, kv_heads, C, head_dim]``; ``update`` writes slots ``write_pos``."""
+
+    def __init__(self, n_layers: int, B: int, kv_heads: int, capacity: int, head_dim: int, dtype, device):
+        import torch
+
+        self.k = [torch.zeros(B, kv_heads, capacity, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.write_pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.kv_len = capacity
+        self.capacity = capacity
+        self.batch = B
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        k.index_copy_(2, self.write_pos, key.to(k.dtype))
+        v.index_copy_(2, self.write_pos, value.to(v.dtype))
+        return k[:, :, : self.kv_len], v[:, :, : self.kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv_len
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
