@@ -15,8 +15,8 @@ On servers whose tokenizer splits numbers into digits (Llama 3, Qwen, SmolLM2) t
 is one digit, so scores only span 0..9: use a judge model whose tokenizer has whole-number tokens
 (e.g. gpt-4.1-mini), or the ``instructor`` judge, or the in-process ``local`` judge.
 
-Both are async inside (bounded concurrency, timeouts, retries honouring Retry-After; see
-``harness.judging.transport``) and expose the synchronous ``judge(items, ctx)``.
+Both are async inside (bounded concurrency, timeouts; the openai SDK's retries, which honour
+Retry-After; see ``harness.judging.transport``) and expose the synchronous ``judge(items, ctx)``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from harness.judging.transport import (
     mode_of,
     model_name,
     run_sync,
+    validation_retrying,
 )
 from harness.core.records import JudgeItem, Judgment
 
@@ -106,7 +107,7 @@ class _ServerJudge(BaseJudge):
 
     async def _judge_async(self, items: list[JudgeItem], model: str) -> list[Judgment]:
         http = self.http_client_factory() if self.http_client_factory else None
-        client = async_client(self.settings, http_client=http)
+        client = async_client(self.settings, http_client=http, max_retries=self.retry_policy.retries)
         wrapped = self._wrap(client)
         try:
             outcomes = await gather_bounded(
@@ -133,7 +134,7 @@ class InstructorJudge(_ServerJudge):
 
     name = "instructor"
     max_tokens = 256
-    max_reasks = 2  # validation re-asks inside one attempt (instructor's max_retries)
+    max_reasks = 2  # validation re-asks of one call (instructor's max_retries, a tenacity policy)
 
     def __init__(self, settings: Any):
         super().__init__(settings)
@@ -155,7 +156,7 @@ class InstructorJudge(_ServerJudge):
     async def _one(self, client: Any, item: JudgeItem):
         verdict = await client.chat.completions.create(
             model=self.model_id, response_model=verdict_model(), messages=self.messages(item),
-            max_retries=min(self.max_reasks, self.retry_policy.retries), temperature=0, seed=0,
+            max_retries=validation_retrying(min(self.max_reasks, self.retry_policy.retries)), temperature=0, seed=0,
             max_tokens=self.max_tokens)
         detail: dict = {"mode": self.mode}
         if verdict.rationale:

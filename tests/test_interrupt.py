@@ -64,7 +64,7 @@ def _argv(trait_dir: Path, work: Path) -> list[str]:
     return [sys.executable, "-m", "harness.cli", "run", "--trait", "mini", "--model", "tiny", "--plugin", "kill_plugin",
             "--traits-dir", str(trait_dir), "--out", str(work / "run"), "--cache-dir", str(work / "cache"),
             "--batch-size", str(GEN_BS), "--extract-batch-size", str(EXTRACT_BS), "--max-new-tokens", "5",
-            "--trait-threshold", "0", "--coherence-threshold", "0", "--judge-min-mass", "0", "--profile", "paper",
+            "--trait-threshold", "0", "--coherence-threshold", "0", "--judge-min-mass", "0", "--profile", "default",
             "--seed", "3", "--no-progress", "--json"]
 
 

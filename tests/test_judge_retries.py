@@ -1,8 +1,10 @@
 """Retries, backoff, Retry-After, timeouts and concurrency of the server judges.
 
-Faults are injected by small real HTTP servers on 127.0.0.1 written here (test doubles of an
-OpenAI-compatible server, hence 'fake_server' in the test names); the judges use the real openai
-and instructor clients against them.
+The retries are the openai SDK's own (``max_retries = --judge-retries``; exponential backoff from
+0.5 s with up to 25 % jitter, capped at 8 s; the server's Retry-After wins), instructor re-asks a
+reply that fails the schema under a tenacity policy. Faults are injected by small real HTTP servers
+on 127.0.0.1 written here (test doubles of an OpenAI-compatible server, hence 'fake_server' in the
+test names); the judges use the real openai and instructor clients against them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 
 from harness.core.config import Settings
 from harness.core.errors import HarnessError
-from harness.judging.transport import RetryPolicy, default_mode, parse_retry_after, server_kind
+from harness.judging.transport import RetryPolicy, default_mode, server_kind
 from harness.core.records import Generation, JudgeItem, Judgment, TraitSpec, InstructionPair
 
 pytest.importorskip("openai")
@@ -110,11 +112,11 @@ def items(n: int = 1, metric: str = "mini") -> list[JudgeItem]:
                       prompt=f"Rate answer a{i} from 0 to 100. Number only.") for i in range(n)]
 
 
-def logprob_judge(s: Settings, **policy):
+def logprob_judge(s: Settings):
     from harness_plugins.judge_openai import LogprobJudge
 
     j = LogprobJudge(s)
-    j.retry_policy = RetryPolicy(retries=s.judge_retries, **{"base": 0.05, "jitter": 0.0, **policy})
+    assert j.retry_policy == RetryPolicy(retries=s.judge_retries)
     return j
 
 
@@ -122,28 +124,6 @@ GOOD = completion_with_logprobs([("7", -0.1), ("3", -2.5), ("Hello", -3.0)])
 
 
 # -- pure helpers -------------------------------------------------------------------------
-def test_parse_retry_after_seconds_and_http_date():
-    assert parse_retry_after("3") == 3.0
-    assert parse_retry_after("0.5") == 0.5
-    now = 1_700_000_000.0
-    date = email.utils.formatdate(now + 7, usegmt=True)
-    assert parse_retry_after(date, now=now) == pytest.approx(7.0, abs=1.0)
-    assert parse_retry_after(email.utils.formatdate(now - 50, usegmt=True), now=now) == 0.0
-    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
-
-
-def test_backoff_grows_exponentially_with_bounded_jitter_and_honours_retry_after():
-    import random
-
-    p = RetryPolicy(retries=5, base=1.0, factor=2.0, max_delay=5.0, jitter=0.25)
-    rng = random.Random(0)
-    for attempt, nominal in enumerate([1, 2, 4, 5, 5]):
-        d = p.backoff(attempt, rng=rng)
-        assert nominal * 0.75 <= d <= nominal * 1.25
-    assert p.backoff(0, retry_after=12.0) == 12.0
-    assert p.backoff(0, retry_after=10_000) == p.max_retry_after
-
-
 def test_default_mode_per_server_kind():
     assert server_kind("http://127.0.0.1:8080/v1") == "local" and default_mode("http://127.0.0.1:8080/v1") == "tools"
     assert server_kind("http://localhost:8000/v1") == "local"
@@ -183,17 +163,20 @@ def test_retry_after_http_date_is_honoured_fake_server():
 
 
 def test_exponential_backoff_then_unscored_with_reason_fake_server():
+    """The SDK's backoff: 0.5 s * 2^k, each shortened by up to 25 % jitter; waited = what it slept."""
     with FakeServer(lambda n, b: (503, {}, {"error": {"message": "overloaded"}}, 0)) as srv:
-        j = logprob_judge(settings_for(srv.url, judge_retries=3), base=0.1)
+        j = logprob_judge(settings_for(srv.url, judge_retries=3))
         [out] = j.judge(items(1), None)
     assert len(srv.requests) == 4  # 1 + judge_retries
     gaps = [b["t"] - a["t"] for a, b in zip(srv.requests, srv.requests[1:])]
-    for g, nominal in zip(gaps, (0.1, 0.2, 0.4)):
-        assert g >= nominal * 0.95
-    assert gaps[2] > gaps[0]
+    waited = out.detail["waited"]
+    assert len(waited) == 3
+    for w, g, nominal in zip(waited, gaps, (0.5, 1.0, 2.0)):
+        assert nominal * 0.75 - 1e-3 <= w <= nominal + 1e-3
+        assert g >= w * 0.95  # the client really waited that long before the next request
+    assert waited[2] > waited[0]
     assert out.score is None and out.reason == "http_503"
     assert out.detail["attempts"] == 4 and out.detail["transient"] is True
-    assert out.detail["waited"] == [0.1, 0.2, 0.4]
 
 
 def test_client_error_is_not_retried_fake_server():
@@ -318,3 +301,89 @@ def test_transient_failures_are_not_cached_and_a_rerun_asks_again_fake_server(tm
         n = len(srv.requests)
         third = run_judge(ctx, spec, gens, logprob_judge(s))  # resumed from the cache: no requests
         assert len(srv.requests) == n and [j.score for j in third] == [j.score for j in second]
+
+
+# -- which model judges ---------------------------------------------------------------------------
+class ModelsServer:
+    """Answers GET /v1/models with the given model ids (a test double of a multi-model server)."""
+
+    def __init__(self, names):
+        outer = self
+        self.names = names
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                data = json.dumps({"object": "list", "data": [{"id": n, "object": "model"} for n in outer.names]}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_multi_model_server_without_a_judge_model_is_an_error_listing_its_models_fake_server():
+    from harness.judging.transport import model_name
+    from harness_plugins.judge_openai import LogprobJudge
+
+    with ModelsServer(["judge-a", "judge-b", "judge-c"]) as srv:
+        s = settings_for(srv.url, judge_model="")
+        with pytest.raises(HarnessError) as ei:
+            model_name(s)
+        msg = str(ei.value)
+        assert "hosts 3 models (judge-a, judge-b, judge-c)" in msg and "--judge-model" in msg and srv.url in msg
+        with pytest.raises(HarnessError, match="hosts 3 models"):
+            LogprobJudge(s).judge(items(1), None)
+        assert model_name(settings_for(srv.url, judge_model="judge-b")) == "judge-b"
+    with ModelsServer(["only-one"]) as srv:
+        assert model_name(settings_for(srv.url, judge_model="")) == "only-one"
+
+
+def test_validation_retrying_reasks_only_schema_failures():
+    import asyncio
+
+    import openai
+    from pydantic import BaseModel, ValidationError
+
+    from harness.judging.transport import validation_retrying
+
+    class M(BaseModel):
+        x: int
+
+    calls = {"n": 0}
+
+    async def run(exc_factory):
+        calls["n"] = 0
+        async for attempt in validation_retrying(2):
+            with attempt:
+                calls["n"] += 1
+                raise exc_factory()
+
+    def bad_schema():
+        try:
+            M(x="nope")
+        except ValidationError as e:
+            return e
+
+    with pytest.raises(ValidationError):
+        asyncio.run(run(bad_schema))
+    assert calls["n"] == 3  # 1 + 2 re-asks
+    import httpx2
+
+    with pytest.raises(openai.APIConnectionError):
+        asyncio.run(run(lambda: openai.APIConnectionError(request=httpx2.Request("POST", "http://127.0.0.1:9/v1"))))
+    assert calls["n"] == 1  # the SDK already retried transport errors: not re-asked

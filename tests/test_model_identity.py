@@ -12,7 +12,13 @@ import pytest
 
 from harness.core.config import Settings, load_settings
 from harness.core.errors import HarnessError
-from harness.core.model_ids import EMBEDDED_ID, canonical_model_id, dtype_name, model_fingerprint, model_identity
+from harness.core.model_ids import (
+    EMBEDDED_ID,
+    canonical_model_id,
+    dtype_name,
+    model_fingerprint,
+    model_identity,
+)
 from harness.core.pipeline import RunContext, run_trait
 from harness.testing import make_tiny_lm
 
@@ -52,11 +58,11 @@ def test_every_alias_of_the_embedded_model_is_one_canonical_id_with_the_embedded
     assert load_settings({}, environ={"PERSONA_HARNESS_MODEL": alias}).profile_applied == "embedded"
 
 
-def test_other_ids_are_kept_as_given_and_get_the_paper_profile():
+def test_other_ids_are_kept_as_given_and_not_given_the_embedded_profile():
     for mid in ("Qwen/Qwen2.5-7B-Instruct", "./ckpt", "/models/llama"):
         assert canonical_model_id(mid) == mid
         s = load_settings({"model": mid}, environ={})
-        assert s.model == mid and s.profile_applied == "paper"
+        assert s.model == mid and s.profile_applied not in ("", "embedded")
 
 
 def test_an_alias_shares_the_cache_keys_and_the_run_folder(tiny_pm, mini_trait_dir, tmp_path, monkeypatch):
@@ -172,7 +178,11 @@ def test_the_embedded_conversion_folder_is_keyed_by_the_gguf_and_the_transformer
         embedded_dir, tmp_path, monkeypatch):
     import transformers
 
-    from harness.models.loading import embedded_model_dir, embedded_model_path, embedded_model_source
+    from harness.models.loading import (
+        embedded_model_dir,
+        embedded_model_path,
+        embedded_model_source,
+    )
 
     src = json.loads((embedded_dir / "persona-harness-source.json").read_text())
     assert src == embedded_model_source() and src["transformers"] == transformers.__version__

@@ -138,7 +138,7 @@ def test_sae_ranks_the_planted_latent_first(tmp_path, layout):
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(256, 32, generator=g)
-    vec = torch.randn(6, 32, generator=g)  # hidden_states 0..5
+    vec = torch.randn(8, 32, generator=g)  # hidden_states 0..7 (5 is an inner layer: before the final norm)
     W[137] = vec[5] * 3.0  # planted: same direction as the layer-5 vector
     W[42] = -vec[5]  # anti-aligned
     sae = load_sae(_write_sae(tmp_path / "sae", W, layout=layout))

@@ -218,15 +218,6 @@ def test_verdict_accepts_only_integer_scores_0_100(payload):
     assert isinstance(v.score, int) and 0 <= v.score <= 100
 
 
-@FAST
-@given(st.one_of(st.text(max_size=40), st.floats(allow_nan=True).map(str), st.integers(-10, 10**6).map(str)))
-def test_retry_after_is_none_or_nonnegative(value):
-    from harness.judging.transport import parse_retry_after
-
-    r = parse_retry_after(value, now=0.0)
-    assert r is None or (r >= 0.0 and not math.isnan(r))
-
-
 # -- JSONL: a torn tail is dropped, never parsed -----------------------------------------------
 @FAST
 @given(records=st.lists(st.dictionaries(st.text(max_size=5), st.one_of(st.integers(), st.text(max_size=8))),

@@ -75,14 +75,11 @@ def test_sweep_rerun_uses_the_cache(tiny_run):
     run_dir, s, pm = tiny_run
     run_sweep(run_dir, s, pm=pm, layers=[2], coefs=[0, 3], n_questions=1, max_new_tokens=3, write=False)
 
-    from harness.core.protocols import BaseGenerator
+    from harness_plugins.generate_hf import HFGenerator
 
-    class Boom(BaseGenerator):
+    class Boom(HFGenerator):  # same name and config (so the same cache keys), but must not run
         name = "hf"
         needs_model = True
-
-        def __init__(self, settings):
-            pass
 
         def generate(self, requests, ctx):  # pragma: no cover - must not run
             raise AssertionError("regenerated")
@@ -208,3 +205,26 @@ def test_cli_steer_and_monitor_input(tiny_run, tmp_path, monkeypatch, capsys):
     assert main(["monitor", str(run_dir), "--input", str(inp), "--layer", "1,2"]) == 0
     out = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert len(out) == 1 and set(out[0]["proj"]) == {"1", "2"}
+
+
+def test_sweep_chooses_on_the_select_half_and_reports_on_the_other(tiny_run):
+    """The (layer, coef) is chosen by steering score on even questions and its effect reported on odd
+    ones; the steering score is the harmonic mean of trait, coherence and relevance."""
+    from harness.analysis.sweep import question_half, run_sweep, select_cell, steering_score
+
+    assert [question_half(i) for i in range(4)] == ["select", "report", "select", "report"]
+    assert steering_score(90, 90, 90) == pytest.approx(90) and steering_score(90, 90, 0) == 0.0
+    assert steering_score(100, 50, 100) == pytest.approx(3 / (1 / 100 + 1 / 50 + 1 / 100))
+    assert steering_score(None, 50, 50) is None
+    run_dir, s, pm = tiny_run
+    res = run_sweep(run_dir, s, pm=pm, layers=[2], coefs=[0, 3, 6], n_questions=2, max_new_tokens=3, write=False)
+    sel = res["selection"]
+    cells = [c for c in res["cells"] if c["coef"] != 0]
+    assert all(c["halves"]["select"]["n"] == 1 and c["halves"]["report"]["n"] == 1 for c in cells)
+    best = max(cells, key=lambda c: (c["halves"]["select"]["steering_score"] or -1, -abs(c["coef"])))
+    assert (sel["layer"], sel["coef"]) == (best["layer"], best["coef"]) and sel["chosen_on"] == "select"
+    assert sel["report"] == best["halves"]["report"] and sel["baseline_report"] == res["baseline"]["halves"]["report"]
+    # the choice never looks at the report half: swapping report-half scores leaves it unchanged
+    flipped = [{**c, "halves": {"select": c["halves"]["select"], "report": {"steering_score": 0.0}}} for c in res["cells"]]
+    assert (select_cell(flipped, res["baseline"]["halves"])["coef"]) == sel["coef"]
+    assert all("relevance_mean" in c and "steering_score" in c for c in res["cells"])

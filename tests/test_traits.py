@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from harness.core.errors import TraitFileError
-from harness.models.loading import article, system_prompt
+from harness.core.rubrics import article, system_prompt
 from harness.core.traits import load_trait_path, read_trait_file
 
 ROOT = Path(__file__).resolve().parent.parent

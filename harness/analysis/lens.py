@@ -17,10 +17,10 @@ _NORM_PATHS = ("model.norm", "model.final_layernorm", "model.decoder.final_layer
 
 
 def find_final_norm(model: Any) -> Any:
-    from harness.analysis.steering import _get_path
+    from harness.analysis.steering import get_path
 
     for p in _NORM_PATHS:
-        m = _get_path(model, p)
+        m = get_path(model, p)
         if m is not None and callable(m) and hasattr(m, "weight"):
             return m
     raise HarnessError(f"cannot find the final norm of {type(model).__name__} (tried {', '.join(_NORM_PATHS)})")

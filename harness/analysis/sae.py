@@ -155,6 +155,13 @@ def read_vector(sae: SAE, vectors: Any, layer: int | None = None, *, k: int = 20
         if not 0 <= int(layer) < v.shape[0]:  # type: ignore[arg-type]
             raise HarnessError(f"layer {layer} is outside the vector file's 0..{v.shape[0] - 1}")
         v = v[int(layer)]  # type: ignore[arg-type]
+    if layer is not None and sl is not None and int(layer) != sl:
+        msg = (f"the vector is from hidden_states index {layer} ({hook_for_layer(int(layer)) if int(layer) >= 1 else 'embeddings'}) "
+               f"but SAE {sae.path} reads {sae.hook_name} = hidden_states index {sl}")
+        if not allow_layer_mismatch:
+            raise HarnessError(msg + f". Fix: read vectors[{sl}] or use an SAE for {hook_for_layer(int(layer))}")
+        warnings.warn(msg, stacklevel=2)
+    res = rank_latents(sae, v, k=k)
     if num_layers is not None and layer is not None and int(layer) == num_layers and sl == num_layers:
         msg = (f"SAE {sae.path} reads {sae.hook_name}, the last block's output before the final norm, but the "
                f"vector at hidden_states index {num_layers} is read after the final norm (HF applies it to the last "
@@ -163,12 +170,5 @@ def read_vector(sae: SAE, vectors: Any, layer: int | None = None, *, k: int = 20
             raise HarnessError(msg + f". Fix: use an SAE at an inner layer (blocks.k.hook_resid_post, k < "
                                f"{num_layers - 1}) and its vector, or pass --allow-layer-mismatch to compare anyway")
         warnings.warn(msg, stacklevel=2)
-    if layer is not None and sl is not None and int(layer) != sl:
-        msg = (f"the vector is from hidden_states index {layer} ({hook_for_layer(int(layer)) if int(layer) >= 1 else 'embeddings'}) "
-               f"but SAE {sae.path} reads {sae.hook_name} = hidden_states index {sl}")
-        if not allow_layer_mismatch:
-            raise HarnessError(msg + f". Fix: read vectors[{sl}] or use an SAE for {hook_for_layer(int(layer))}")
-        warnings.warn(msg, stacklevel=2)
-    res = rank_latents(sae, v, k=k)
     res.update({"layer": layer, "sae_layer": sl, "sae_path": sae.path})
     return res

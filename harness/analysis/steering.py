@@ -70,7 +70,8 @@ def _model_of(target: Any) -> Any:
     return getattr(target, "model", target) if not hasattr(target, "named_modules") else target
 
 
-def _get_path(obj: Any, path: str) -> Any:
+def get_path(obj: Any, path: str) -> Any:
+    """``obj.a.b.c`` for ``path = "a.b.c"`` (None when a part is missing)."""
     for part in path.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
@@ -89,9 +90,9 @@ def find_decoder_layers(model: Any) -> tuple[Any, Any]:
     model = _model_of(model)
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     for path in _LAYER_PATHS:
-        obj = _get_path(model, path)
+        obj = get_path(model, path)
         if isinstance(obj, torch.nn.ModuleList) and (n is None or len(obj) == n):
-            parent = _get_path(model, path.rsplit(".", 1)[0]) if "." in path else model
+            parent = get_path(model, path.rsplit(".", 1)[0]) if "." in path else model
             return obj, parent
     mods = dict(model.named_modules())
     for name, mod in mods.items():

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from harness.core.errors import HarnessError
+from harness.core.rubrics import COHERENCE, RELEVANCE
 from harness.core.locks import run_lock_scope
 
 SWEEP_FILE = "sweep.json"
@@ -47,11 +48,12 @@ SWEEP_FILE = "sweep.json"
 RUN_SETTINGS = ("model", "revision", "dtype", "chat_template", "enable_thinking", "generator", "judge", "filter",
                 "extractor", "profile", "profile_applied", "n_per_question", "temperature", "top_p",
                 "max_new_tokens", "seed", "pos_name", "neg_name", "splits", "judge_model", "judge_mode",
-                "judge_min_mass", "judge_exact", "trait_threshold", "coherence_threshold")
+                "judge_min_mass", "judge_exact", "trait_threshold", "coherence_threshold", "layer")
 #: Settings a run.json never sets (see RUN_SETTINGS). Every field is in one of the two lists.
 NOT_FROM_RUN = ("plugins", "plugin_config", "judge_base_url", "judge_api_key_env", "cache_dir", "out_dir",
                 "runs_dir", "traits_dirs", "trait_files", "device", "device_map", "batch_size", "judge_batch_size",
-                "judge_concurrency", "judge_timeout", "judge_retries", "extract_batch_size", "progress")
+                "judge_concurrency", "judge_timeout", "judge_retries", "extract_batch_size", "progress",
+                "profile_set")
 
 
 def read_run_json(run_dir: str | Path) -> dict:
@@ -73,7 +75,7 @@ def settings_for_run(run_dir: str | Path, flags: dict | None = None, *, config_p
     """The settings to read a run with: defaults < config file < environment < the run's own
     ``RUN_SETTINGS`` from run.json < ``flags`` (field -> value). Nothing in ``NOT_FROM_RUN`` is taken
     from run.json. Every value is validated; a bad one in run.json is named with the file and field."""
-    from harness.core.config import FIELDS, _coerce, load_settings, validate_settings
+    from harness.core.config import FIELDS, coerce, load_settings, validate_settings
 
     rj = Path(run_dir) / "run.json"
     cfg = read_run_json(run_dir).get("config", {}) if rj.exists() else {}
@@ -82,7 +84,7 @@ def settings_for_run(run_dir: str | Path, flags: dict | None = None, *, config_p
     run_vals: dict[str, Any] = {}
     for k in RUN_SETTINGS:
         if k in FIELDS and cfg.get(k) is not None:
-            run_vals[k] = cfg[k] if k == "profile_applied" else _coerce(k, cfg[k], f"{rj}: field 'config.{k}'")
+            run_vals[k] = cfg[k] if k == "profile_applied" else coerce(k, cfg[k], f"{rj}: field 'config.{k}'")
     validate_settings(run_vals, {k: f"{rj}: field 'config.{k}'" for k in run_vals}, environ=environ)
     merged = {**run_vals, **{k: v for k, v in (flags or {}).items() if v is not None}}
     return load_settings(merged, config_path=config_path, environ=environ, cwd=cwd)
@@ -138,7 +140,6 @@ def steered_generate(ctx, generator, requests: Sequence, cells: Sequence[tuple[i
     if not getattr(generator, "needs_model", True):
         raise HarnessError(f"generator {generator.name!r} does not run the in-process model, so hooks cannot steer "
                            "it. Fix: use --generator hf")
-    s = ctx.settings
     lm = ctx.model()
     vectors = torch.as_tensor(vectors).float()
     cfg = generator.config()
@@ -159,7 +160,7 @@ def steered_generate(ctx, generator, requests: Sequence, cells: Sequence[tuple[i
     cached = ctx.cache.get_many([k for _, _, k in rows]) if ctx.cache is not None else {}
     done: dict[str, Any] = {k: Generation.from_dict({**cached[k], "cache_key": k}) for _, _, k in rows if k in cached}
     todo = [row for row in rows if row[2] not in done]
-    bs = batch_size or (generator.batch_size(lm) if hasattr(generator, "batch_size") else 32)
+    bs = (batch_size or generator.batch_size(ctx)) if todo else 1
     per_row = bool(getattr(generator, "steer_per_row", generator.name in PER_ROW_GENERATORS))
     # per_row: cells share batches (per-row coefficients); else one cell per generate call (scalar coefficients)
     groups = [todo] if per_row else [[row for row in todo if row[0] == cell] for cell in uniq]
@@ -275,21 +276,25 @@ def run_sweep(run_dir: str | Path, settings=None, *, pm=None, layers: Sequence[i
     flat = [g for c in uniq for g in by_cell[c]]
     t0 = time.perf_counter()
     # hooks are gone: the judge is never steered; no journal in the run folder (the cache holds the records)
-    judgments = run_judge(dataclasses.replace(ctx, run_dir=None), spec, flat, judge)
+    metrics = (spec.name, COHERENCE, RELEVANCE)
+    judgments = run_judge(dataclasses.replace(ctx, run_dir=None), spec, flat, judge, metrics=metrics)
     t_judge = time.perf_counter() - t0
-    per_gen = 2  # judge_items: trait, coherence per generation
+    per_gen = len(metrics)
     stats: dict[tuple, dict] = {}
+    halves: dict[tuple, dict] = {}
     gen_rows = []
     for ci, cell in enumerate(uniq):
         n = len(by_cell[cell])
         js = judgments[ci * n * per_gen:(ci + 1) * n * per_gen]
-        tr = [j.score for j in js if j.metric == spec.name and j.score is not None]
-        co = [j.score for j in js if j.metric != spec.name and j.score is not None]
-        stats[cell] = {"trait_mean": _r(_mean(tr)), "coherence_mean": _r(_mean(co)), "n": n,
-                       "trait_scored": len(tr), "coherence_scored": len(co)}
+        rows = [(g, {j.metric: j.score for j in js[gi * per_gen:(gi + 1) * per_gen]})
+                for gi, g in enumerate(by_cell[cell])]
+        stats[cell] = cell_stats(rows, spec.name)
+        halves[cell] = {h: cell_stats([r for r in rows if question_half(r[0].question_index) == h], spec.name)
+                        for h in HALVES}
         for gi, g in enumerate(by_cell[cell]):
             jj = js[gi * per_gen:(gi + 1) * per_gen]
             gen_rows.append({"layer": cell[0], "coef": cell[1], "question_index": g.question_index,
+                             "half": question_half(g.question_index),
                              "sample_index": g.sample_index, "question": g.question, "response": g.response,
                              "finish_reason": g.finish_reason,
                              "scores": {j.metric: j.score for j in jj},
@@ -298,14 +303,17 @@ def run_sweep(run_dir: str | Path, settings=None, *, pm=None, layers: Sequence[i
     out_cells = []
     for L in layers:
         for c in sorted({0.0, *[float(x) for x in coefs]}):  # coef 0 (the baseline) always included
-            st = base if c == 0.0 else stats[(L, c)]
-            out_cells.append({"layer": L, "coef": c, **st, "shared_baseline": c == 0.0})
+            cell = (None, 0.0) if c == 0.0 else (L, c)
+            out_cells.append({"layer": L, "coef": c, **stats[cell], "halves": halves[cell],
+                              "shared_baseline": c == 0.0})
+    selection = select_cell(out_cells, halves[(None, 0.0)])
     result = {
         "trait": spec.name, "model": s.model, "judge": s.judge, "judge_model": getattr(judge, "model_id", s.judge_model),
         "method": method, "positions": positions, "scale": scale, "layers": layers,
         "coefs": sorted({0.0, *[float(c) for c in coefs]}), "questions": len(questions), "samples": samples,
         "split": split, "max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "system_prompt": system_prompt,
-        "baseline": {**base, "coef": 0.0}, "cells": out_cells,
+        "baseline": {**base, "coef": 0.0, "halves": halves[(None, 0.0)]}, "cells": out_cells,
+        "selection": selection,
         "vector_norms": {str(L): round(float(vectors[L].norm()), 6) for L in layers},
         "timings": {"generate": round(t_gen, 3), "judge": round(t_judge, 3),
                     "total": round(time.perf_counter() - t_start, 3)},
@@ -327,6 +335,57 @@ def _r(x):
     return None if x is None else round(float(x), 4)
 
 
+#: the evaluation questions are split in two: the (layer, coefficient) is chosen on ``select`` and its
+#: effect reported on ``report`` (questions never used for the choice)
+HALVES = ("select", "report")
+
+
+def question_half(question_index: int) -> str:
+    """Even question indices choose the cell, odd ones report it."""
+    return HALVES[int(question_index) % 2]
+
+
+def steering_score(trait: float | None, coherence: float | None, relevance: float | None) -> float | None:
+    """Harmonic mean of trait expression, coherence and relevance (0-100 each): high only when the
+    steered answers show the trait *and* stay coherent *and* answer the question."""
+    xs = [trait, coherence, relevance]
+    if any(x is None for x in xs):
+        return None
+    if any(x <= 0 for x in xs):  # type: ignore[operator]
+        return 0.0
+    return 3.0 / sum(1.0 / x for x in xs)  # type: ignore[operator]
+
+
+def cell_stats(rows: list, trait: str) -> dict:
+    """Means of the judged scores of ``rows`` = [(generation, {metric: score}), ...] and the steering score."""
+    def scores(m: str) -> list[float]:
+        return [float(s[m]) for _, s in rows if s.get(m) is not None]
+
+    tr, co, re_ = scores(trait), scores(COHERENCE), scores(RELEVANCE)
+    out = {"trait_mean": _r(_mean(tr)), "coherence_mean": _r(_mean(co)), "relevance_mean": _r(_mean(re_)),
+           "n": len(rows), "trait_scored": len(tr), "coherence_scored": len(co), "relevance_scored": len(re_)}
+    out["steering_score"] = _r(steering_score(_mean(tr), _mean(co), _mean(re_)))
+    return out
+
+
+def select_cell(cells: list[dict], baseline_halves: dict) -> dict:
+    """The cell with the best steering score on the ``select`` half, and its effect on the ``report``
+    half (trait, coherence, relevance and steering score, each against the unsteered baseline there)."""
+    scored = [c for c in cells if c["coef"] != 0.0 and c["halves"]["select"]["steering_score"] is not None]
+    if not scored:
+        return {"layer": None, "coef": None, "reason": "no steered cell has a steering score on the select half"}
+    best = max(scored, key=lambda c: (c["halves"]["select"]["steering_score"], -abs(c["coef"])))
+    rep, b = best["halves"]["report"], baseline_halves["report"]
+
+    def delta(k: str) -> float | None:
+        return None if rep.get(k) is None or b.get(k) is None else _r(rep[k] - b[k])
+
+    return {"layer": best["layer"], "coef": best["coef"], "chosen_on": "select",
+            "select": best["halves"]["select"], "report": rep, "baseline_report": b,
+            "effect_on_report": {k: delta(k) for k in ("trait_mean", "coherence_mean", "relevance_mean",
+                                                      "steering_score")}}
+
+
 def _scored(result: dict) -> int:
     """Scored judgments in a sweep table (the baseline counted once)."""
     cells = result["cells"]
@@ -337,11 +396,14 @@ def _scored(result: dict) -> int:
 
 def sweep_csv(result: dict) -> str:
     buf = io.StringIO()
-    cols = ["layer", "coef", "trait_mean", "coherence_mean", "n", "trait_scored", "coherence_scored", "shared_baseline"]
+    cols = ["layer", "coef", "trait_mean", "coherence_mean", "relevance_mean", "steering_score", "n", "trait_scored",
+            "coherence_scored", "relevance_scored", "shared_baseline", "select_steering_score", "report_steering_score"]
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for c in result["cells"]:
-        w.writerow(c)
+        h = c.get("halves") or {}
+        w.writerow({**c, "select_steering_score": (h.get("select") or {}).get("steering_score"),
+                    "report_steering_score": (h.get("report") or {}).get("steering_score")})
     return buf.getvalue()
 
 
@@ -359,4 +421,17 @@ def format_table(result: dict) -> str:
 
         lines.append(f"{L:>5}  " + "  ".join(f"{f(row[c]['trait_mean'])}/{f(row[c]['coherence_mean'])}" if c in row
                                              else " " * 11 for c in coefs))
+    sel = result.get("selection") or {}
+    if sel.get("layer") is not None:
+        eff = sel["effect_on_report"]
+
+        def d(k: str) -> str:
+            return "n/a" if eff.get(k) is None else f"{eff[k]:+.1f}"
+
+        lines.append(f"chosen on the select half (best steering score = harmonic mean of trait, coherence, relevance): "
+                     f"layer {sel['layer']}, coef {sel['coef']:g}; on the held-out report half vs unsteered: trait "
+                     f"{d('trait_mean')}, coherence {d('coherence_mean')}, relevance {d('relevance_mean')}, "
+                     f"steering score {d('steering_score')}")
+    elif sel:
+        lines.append(f"no cell chosen: {sel.get('reason')}")
     return "\n".join(lines)

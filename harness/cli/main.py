@@ -92,6 +92,8 @@ def print_summary(summary: dict, run_dir, *, json_out: bool = False) -> None:
         return "n/a" if x is None else f"{x:.1f}"
 
     print(f"\n== {summary['trait']} on {summary['model']} (profile: {summary.get('profile')}) ==")
+    if summary.get("profile_set"):
+        print("profile set     " + ", ".join(f"{k}={v}" for k, v in summary["profile_set"].items()))
     print(f"generations: {summary.get('generations')}  (empty responses: {summary.get('empty_responses', 0)})")
     if "trait_pos_mean" in summary:
         print(f"trait score     pos {f(summary['trait_pos_mean'])}  neg {f(summary['trait_neg_mean'])}  "
@@ -167,6 +169,27 @@ def cmd_validate(args) -> int:
     return 1 if bad else 0
 
 
+def cmd_profiles(args) -> int:
+    from harness.core.config import MODEL_PROFILES, PAPER_LAYERS, PAPER_SERVER_JUDGE, PROFILES
+
+    if args.json:
+        print(json.dumps({"profiles": PROFILES, "model_profiles": MODEL_PROFILES, "paper_layers": PAPER_LAYERS,
+                          "paper_server_judge": PAPER_SERVER_JUDGE}, indent=2))
+        return 0
+    for name, values in PROFILES.items():
+        models = [m for m, p in MODEL_PROFILES.items() if p == name]
+        print(f"{name}" + (f"  (auto for: {', '.join(models)})" if models else ""))
+        for k, v in values.items():
+            print(f"  {k} = {v}")
+        if name == "paper":
+            print(f"  judge = {PAPER_SERVER_JUDGE}  (when --judge-base-url is given)")
+            for m, layer in PAPER_LAYERS.items():
+                print(f"  layer = {layer}  (for {m})")
+        if not values:
+            print("  (nothing: the settings' defaults)")
+    return 0
+
+
 def build_parser(pm=None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="persona-harness", description="Extract and check persona vectors.")
     p.add_argument("--version", action="version", version=f"persona-harness {__version__}")
@@ -184,6 +207,9 @@ def build_parser(pm=None) -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true")
     add_settings_arguments(pl)
     pl.set_defaults(func=cmd_plugins)
+    pr = sub.add_parser("profiles", help="list the settings profiles and the values each sets")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_profiles)
     v = sub.add_parser("validate", help="check trait files or folders")
     v.add_argument("paths", nargs="+")
     v.set_defaults(func=cmd_validate)

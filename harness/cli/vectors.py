@@ -34,7 +34,9 @@ def _ints(s: str) -> list[int]:
 
 
 def _run_dir(args) -> Path:
-    d = Path(args.run_dir)
+    from harness.core.runs import resolve_run_dir
+
+    d = resolve_run_dir(args.run_dir)  # a run folder, or a trait folder / its 'latest' file: the latest run
     if not (d / "run.json").exists():
         raise HarnessError(f"{d}: no run.json, not a run directory. Fix: give the folder 'persona-harness run' wrote")
     return d
@@ -97,9 +99,11 @@ def _open(args):
 
 
 def _vector_and_layers(args, run_dir: Path, lm):
-    """The run's ``--method`` vector and the ``--layer`` list (default: the recommended layer)."""
+    """The run's ``--method`` vector and the ``--layer`` list (default: the ``layer`` setting, e.g. the
+    paper's layer for its models, else the recommended layer)."""
     v = _vectors(run_dir, lm, args.method)
-    layers = _ints(args.layer) if args.layer else [_rec_layer(run_dir, lm)]
+    default = _settings(args).layer
+    layers = _ints(args.layer) if args.layer else [default or _rec_layer(run_dir, lm)]
     _check_layers(layers, lm.num_layers, "--layer")
     return v, layers
 
@@ -153,7 +157,16 @@ def cmd_steer(args) -> int:
     _check_layers([args.layer], lm.num_layers, "--layer", lo=1)
     s = ctx.settings
     ctx.cache = Cache(s.cache_dir)
-    v = _vectors(run_dir, lm, args.method)
+    if args.vector:  # a vector from elsewhere: llama.cpp/repeng GGUF, steering-vectors or torch .pt, safetensors
+        from harness.analysis.export import load_vector_file
+
+        v, present = load_vector_file(args.vector, num_layers=lm.num_layers, hidden_size=lm.hidden_size,
+                                      method=args.method)
+        if args.layer not in present:
+            raise HarnessError(f"--vector {args.vector} sets no direction for --layer {args.layer} (it sets "
+                               f"hidden_states {present}; llama.cpp direction.k is layer k+1)")
+    else:
+        v = _vectors(run_dir, lm, args.method)
     prompts = list(args.prompt or [])
     if not prompts:
         spec = load_run_trait(run_dir, s, ctx.pm)
@@ -382,6 +395,9 @@ def register_commands(subparsers: Any) -> None:
     p.add_argument("--prompt", action="append", help="user message (repeatable; default: the first eval questions)")
     p.add_argument("--questions", type=int, default=2, help="eval questions to use when no --prompt (default 2)")
     p.add_argument("--system", default="", help="system prompt (default none)")
+    p.add_argument("--vector", default=None, metavar="FILE",
+                   help="steer with this vector file instead of the run's (.gguf control vector, steering-vectors or "
+                        "[layers+1, hidden] .pt, .safetensors); RUN_DIR still gives the model and prompts")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_steer)
 

@@ -1,7 +1,8 @@
 """Content-addressed cache of finished generations and judgments (stdlib sqlite3).
 
-Keys are sha256 of canonical JSON over everything that determines a result (stage, component,
-model, messages, parameters, seed, sample index). Each put is its own committed transaction,
+Keys are sha256 of canonical JSON over everything that determines a result (stage, component
+name and ``config()`` with its version, the model's identity -- fingerprint, dtype, chat settings,
+``harness.core.model_ids.model_identity`` -- messages, parameters, seed, sample index). Each put is its own committed transaction,
 so a killed process loses at most the record it was writing.
 """
 

@@ -62,7 +62,10 @@ class Settings:
     judge: str = setting("local", "judge plugin name (default local)")
     filter: str = setting("effective-pairs", "filter plugin name (default effective-pairs)")
     extractor: str = setting("mean-diff", "extractor plugin name (default mean-diff)")
-    profile: str = setting("auto", "settings profile: auto (per model), paper, embedded")
+    profile: str = setting("auto", "settings profile: auto (the model's own, else default), default, paper, embedded "
+                                   "('persona-harness profiles' lists them)")
+    layer: int = setting(0, "layer (hidden_states index) that steer, sweep and monitor use by default; 0 = the "
+                            "recommended layer", flag="--steer-layer")
     # generation
     n_per_question: int = setting(1, "samples per question and instruction")
     temperature: float = setting(1.0, "sampling temperature (0 = greedy)")
@@ -112,6 +115,7 @@ class Settings:
     progress: bool = setting(True, "progress bars")
     plugin_config: dict = setting(None, "per-plugin settings table (config file only)", flag="", factory=dict)
     profile_applied: str = setting("", "the profile apply_profile applied (set by the harness)", flag="")
+    profile_set: dict = setting(None, "every value the applied profile set (set by the harness)", flag="", factory=dict)
 
     def __post_init__(self) -> None:
         # aliases are resolved here, once, before profiles, cache keys and run folders see the id
@@ -128,35 +132,61 @@ class Settings:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
-#: Named profiles. A model id maps to its profile when ``profile="auto"``.
+#: Named profiles: the values each sets (fields set explicitly by flag, environment or config file win).
 PROFILES: dict[str, dict[str, Any]] = {
-    "paper": {},
+    # the Settings defaults, nothing changed
+    "default": {},
+    # Chen et al. 2025: 10 samples per question and instruction, up to 1000 new tokens, temperature 1,
+    # no nucleus cut, effective pairs pos >= 50 / neg < 50 / coherence >= 50, a judge scoring from its
+    # first-token log-probabilities (min mass 0.25); see docs/paper.md for every deviation
+    "paper": {"n_per_question": 10, "max_new_tokens": 1000, "temperature": 1.0, "top_p": 1.0,
+              "trait_threshold": 50.0, "coherence_threshold": 50.0, "judge_min_mass": 0.25},
     # SmolLM2-135M judging itself puts ~1 % of its probability on numbers for the trait rubrics
     # (~12 % for coherence) and rarely scores above 50: its score is the expectation *given* that
-    # it writes a number (min mass 0). See README "Embedded-model profile" for the measurements.
+    # it writes a number (min mass 0). See docs/method.md "Embedded-model profile" for the measurements.
     "embedded": {"trait_threshold": 30.0, "coherence_threshold": 30.0, "judge_min_mass": 0.0,
                  "judge_exact": False, "max_new_tokens": 32, "judge_batch_size": 16},
 }
-#: canonical model id (``harness.core.model_ids.canonical_model_id``) -> profile
-MODEL_PROFILES = {EMBEDDED_ID: "embedded"}
+#: the paper's judge over a server: scores from first-token log-probabilities (set by ``paper`` when
+#: a ``judge_base_url`` is given and no judge is named)
+PAPER_SERVER_JUDGE = "logprob"
+#: the layer the paper projects and steers at, per model (hidden_states index)
+PAPER_LAYERS: dict[str, int] = {"Qwen/Qwen2.5-7B-Instruct": 20, "meta-llama/Llama-3.1-8B-Instruct": 16}
+#: canonical model id (``harness.core.model_ids.canonical_model_id``) -> profile under ``profile = "auto"``
+MODEL_PROFILES = {EMBEDDED_ID: "embedded", **{m: "paper" for m in PAPER_LAYERS}}
+
+
+def profile_values(name: str, settings: Settings) -> dict[str, Any]:
+    """Every value profile ``name`` sets for ``settings`` (model- and endpoint-dependent ones included)."""
+    if name not in PROFILES:
+        raise ConfigError(f"unknown profile {name!r}. Fix: use auto or one of {', '.join(sorted(PROFILES))}")
+    values = dict(PROFILES[name])
+    if name == "paper":
+        if settings.judge_base_url:
+            values["judge"] = PAPER_SERVER_JUDGE
+        layer = PAPER_LAYERS.get(canonical_model_id(settings.model))
+        if layer is not None:
+            values["layer"] = layer
+    return values
 
 
 def apply_profile(settings: Settings, explicit: set[str] | None = None) -> Settings:
-    """Apply the named (or the model's) profile without overriding explicitly set fields."""
+    """Apply the named (or, for ``auto``, the model's) profile without overriding explicitly set
+    fields; ``profile_applied`` names it and ``profile_set`` holds every value it set."""
     explicit = explicit or set()
     name = settings.profile
     if name == "auto":
-        name = MODEL_PROFILES.get(canonical_model_id(settings.model), "paper")
-    if name not in PROFILES:
-        raise ConfigError(f"unknown profile {name!r}; known: {', '.join(sorted(PROFILES))}")
-    updates = {k: v for k, v in PROFILES[name].items() if k not in explicit}
-    return settings.replace(profile_applied=name, **updates)
+        name = MODEL_PROFILES.get(canonical_model_id(settings.model), "default")
+    updates = {k: v for k, v in profile_values(name, settings).items() if k not in explicit}
+    return settings.replace(profile_applied=name, profile_set=dict(updates), **updates)
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
+def coerce(name: str, value: Any, source: str) -> Any:
+    """``value`` (a string from a flag or the environment, or a config-file value) as setting ``name``'s
+    type; ``source`` names where it came from in the error."""
     f = FIELDS[name]
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
     try:
@@ -282,14 +312,14 @@ def load_settings(
         name = name.replace("-", "_")
         if name not in FIELDS:
             raise ConfigError(f"{file_name}: unknown setting '{name}'. Known: {', '.join(sorted(FIELDS))}")
-        from_file[name] = values[name] = _coerce(name, value, file_name)
+        from_file[name] = values[name] = coerce(name, value, file_name)
         explicit.add(name)
         sources[name] = f"{file_name}: field '{name}'"
     overridden: set[str] = set()
     for name in FIELDS:
         key = ENV_PREFIX + name.upper()
-        if key in environ and name not in ("plugin_config", "profile_applied"):
-            values[name] = _coerce(name, environ[key], f"environment {key}")
+        if key in environ and name not in ("plugin_config", "profile_applied", "profile_set"):
+            values[name] = coerce(name, environ[key], f"environment {key}")
             explicit.add(name)
             sources[name] = f"environment variable {key}"
             overridden.add(name)
@@ -298,7 +328,7 @@ def load_settings(
             continue
         if name not in FIELDS:
             raise ConfigError(f"unknown setting {name!r}")
-        values[name] = _coerce(name, value, flag_of(name))
+        values[name] = coerce(name, value, flag_of(name))
         explicit.add(name)
         sources[name] = flag_of(name)
         overridden.add(name)
@@ -326,6 +356,7 @@ _RANGES: dict[str, tuple[float, float, str]] = {
     "judge_retries": (0, 1000, "a number of retries"),
     "extract_batch_size": (1, _INT_MAX, "a batch size"),
     "seed": (0, 2**63 - 1, "a seed"),
+    "layer": (0, 100_000, "a layer (hidden_states index; 0 = the recommended layer)"),
     "temperature": (0.0, 1e6, "a sampling temperature (0 = greedy)"),
     "top_p": (0.0, 1.0, "a probability"),
     "judge_timeout": (1e-3, 1e6, "a number of seconds"),

@@ -5,6 +5,10 @@ from __future__ import annotations
 import difflib
 
 
+class NonFiniteActivationError(ValueError):
+    """A forward produced NaN or inf activations (no vector is written)."""
+
+
 class HarnessError(Exception):
     """Base class for every error persona-harness raises on purpose."""
 

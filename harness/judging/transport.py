@@ -5,33 +5,34 @@
   ``settings.judge_api_key_env`` at call time; it is never stored on the judge, in records, in the
   cache key, in run.json or in log messages.
 * Bounded concurrency: ``asyncio.Semaphore(settings.judge_concurrency)``.
-* Timeouts (``settings.judge_timeout`` seconds per HTTP request) and retries
-  (``settings.judge_retries``) with exponential backoff and jitter that honour ``Retry-After``
-  (seconds or an HTTP date). After the last retry the item is unscored with a reason:
-  ``timeout``, ``http_<status>``, ``connection_error``, ``bad_response`` (a 2xx reply whose body is
-  not JSON: truncated or malformed at the HTTP layer), ``invalid_output`` (a well-formed reply that
-  fails the verdict schema) or whatever a judge's own ``Unscored`` says (``refusal``, ``low_mass``,
-  ``out_of_range``, ...).
+* Timeouts (``settings.judge_timeout`` seconds per HTTP request) and retries: the openai SDK's own
+  (``max_retries = settings.judge_retries``: timeouts, connection errors, 408/409/429/5xx, exponential
+  backoff with jitter, the server's ``Retry-After``). Replies that fail the verdict schema are
+  re-asked by instructor under a ``tenacity`` policy (``validation_retrying``). After the last try
+  the item is unscored with a reason: ``timeout``, ``http_<status>``, ``connection_error``,
+  ``bad_response`` (a 2xx reply whose body is not JSON: truncated or malformed at the HTTP layer),
+  ``invalid_output`` (a well-formed reply that fails the verdict schema) or whatever a judge's own
+  ``Unscored`` says (``refusal``, ``low_mass``, ``out_of_range``, ...). ``detail["attempts"]``
+  counts the HTTP requests sent and ``detail["waited"]`` the SDK's backoff delays (``CallLog``).
 * Transport-level body check: every client made by ``async_client`` gets an httpx response hook
   (``check_json_body``) that reads each 2xx reply and raises ``BadResponse`` when its body does not
-  parse as JSON, before openai or instructor try to parse it. So a cut or garbled reply is retried
-  by ``call_with_retries`` (with backoff, counted in ``detail["attempts"]``) instead of being
-  re-asked by instructor's validation loop or recorded as ``invalid_output``.
+  parse as JSON, before openai or instructor try to parse it. The SDK treats that like a broken
+  connection and retries it with the same budget and backoff, instead of instructor re-asking or the
+  item being recorded as ``invalid_output``.
 
 Judges stay synchronous to the pipeline: ``run_sync(coro)`` runs an event loop inside ``judge()``.
 """
 
 from __future__ import annotations
 
-import email.utils
+import contextvars
+import functools
 import ipaddress
 import json
 import logging
 import os
-import random
 import threading
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 from urllib.parse import urlparse
 
@@ -178,8 +179,9 @@ def list_server_models(url: str, key: str, timeout: float = 10.0) -> list[str]:
 
 
 def model_name(settings: Any) -> str:
-    """``settings.judge_model``; else gpt-4.1-mini for api.openai.com; else the first model the
-    server lists at ``/v1/models`` (``local`` if it lists none or cannot be asked)."""
+    """``settings.judge_model``; else gpt-4.1-mini for api.openai.com; else the one model the server
+    lists at ``/v1/models`` (``local`` if it lists none or cannot be asked). A server that lists
+    several models is an error naming them: which one judges must be said with ``--judge-model``."""
     if getattr(settings, "judge_model", ""):
         return settings.judge_model
     url = base_url_of(settings)
@@ -194,78 +196,98 @@ def model_name(settings: Any) -> str:
             except Exception as e:  # unreachable server: requests will fail and say so
                 log.warning("could not list models at %s/models (%s); using the model name 'local'", url, type(e).__name__)
                 return "local"
+            if len(names) > 1:
+                shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+                raise HarnessError(f"the judge server {url} hosts {len(names)} models ({shown}) and no judge model "
+                                   f"was named. Fix: --judge-model NAME (e.g. --judge-model {names[0]})")
             _MODEL_CACHE[url] = names[0] if names else "local"
         return _MODEL_CACHE[url]
 
 
-def async_client(settings: Any, *, http_client: Any = None):
-    """``openai.AsyncOpenAI`` for the judge server; its own retries are off (ours honour Retry-After).
-    Its HTTP client (``http_client`` or openai's default) checks every 2xx body is JSON
-    (``check_json_body``), so truncated or malformed replies become the retryable ``bad_response``."""
+def async_client(settings: Any, *, http_client: Any = None, max_retries: int | None = None):
+    """``openai.AsyncOpenAI`` for the judge server. The SDK does the retries: ``max_retries``
+    (default ``settings.judge_retries``) for timeouts, connection errors, 408/409/429/5xx, with its
+    exponential backoff and the server's ``Retry-After``. Its HTTP client (``http_client`` or openai's
+    default) checks every 2xx body is JSON (``check_json_body``): a truncated or malformed reply is
+    then a transport failure the SDK retries the same way, recorded as ``bad_response`` at the end.
+    Every request and every backoff the SDK takes is counted in the current call's ``CallLog``."""
     import openai
 
     if http_client is None:
         http_client = openai.DefaultAsyncHttpxClient(timeout=float(settings.judge_timeout))
     add_body_check(http_client)
-    return openai.AsyncOpenAI(base_url=base_url_of(settings), api_key=api_key(settings), max_retries=0,
-                              timeout=float(settings.judge_timeout), http_client=http_client)
+    hooks = http_client.event_hooks
+    if count_request not in hooks.get("request", []):
+        http_client.event_hooks = {**hooks, "request": [*hooks.get("request", []), count_request]}
+    retries = max(0, int(settings.judge_retries if max_retries is None else max_retries))
+    return _client_class()(base_url=base_url_of(settings), api_key=api_key(settings), max_retries=retries,
+                           timeout=float(settings.judge_timeout), http_client=http_client)
 
 
-# -- retries -----------------------------------------------------------------------------
+# -- retries: the SDK's, observed --------------------------------------------------------------------
 @dataclass
 class RetryPolicy:
-    retries: int = 4  # attempts = retries + 1
-    base: float = 1.0  # first backoff, seconds
-    factor: float = 2.0
-    max_delay: float = 30.0
-    max_retry_after: float = 300.0  # cap on a server's Retry-After
-    jitter: float = 0.25  # +- fraction of the backoff
+    """How often one judge call may be repeated: ``retries`` transport retries (the openai SDK's
+    ``max_retries``) and at most ``max_reasks`` re-asks after a reply that fails the verdict schema
+    (instructor's validation loop, a ``tenacity`` policy: ``validation_retrying``)."""
+
+    retries: int = 4
+    max_reasks: int = 2
 
     @classmethod
     def from_settings(cls, settings: Any) -> RetryPolicy:
         return cls(retries=max(0, int(settings.judge_retries)))
 
-    def backoff(self, attempt: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
-        """Delay before retry number ``attempt`` (0-based). Retry-After wins when the server sends it."""
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), self.max_retry_after)
-        d = min(self.base * self.factor ** attempt, self.max_delay)
-        r = (rng or random).uniform(-self.jitter, self.jitter)
-        return max(0.0, d * (1.0 + r))
+
+@dataclass
+class CallLog:
+    """What the SDK did for one judge call: HTTP requests sent and the backoff before each retry."""
+
+    requests: int = 0
+    waited: list = field(default_factory=list)
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
-    if value is None:
-        return None
-    value = value.strip()
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        dt = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if dt is None:
-        return None
-    return max(0.0, dt.timestamp() - (time.time() if now is None else now))
+#: the CallLog of the judge call running in this task (each item of ``gather_bounded`` is a task of its own)
+_CALL: contextvars.ContextVar[CallLog | None] = contextvars.ContextVar("persona_harness_judge_call", default=None)
 
 
-def retry_after_of(exc: BaseException) -> float | None:
-    resp = getattr(exc, "response", None)
-    headers = getattr(resp, "headers", None)
-    if headers is None:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
-    return parse_retry_after(headers.get("retry-after"))
+async def count_request(request: Any) -> None:
+    """httpx request hook: one more HTTP request for the current call."""
+    rec = _CALL.get()
+    if rec is not None:
+        rec.requests += 1
+
+
+@functools.lru_cache(maxsize=1)
+def _client_class():
+    """``openai.AsyncOpenAI`` that also notes each backoff delay its retry loop picks (the SDK's own
+    choice, Retry-After included) in the current ``CallLog``; it decides nothing itself."""
+    import openai
+
+    class JudgeClient(openai.AsyncOpenAI):
+        def _calculate_retry_timeout(self, *args: Any, **kwargs: Any) -> float:
+            delay = super()._calculate_retry_timeout(*args, **kwargs)
+            rec = _CALL.get()
+            if rec is not None:
+                rec.waited.append(round(float(delay), 3))
+            return delay
+
+    return JudgeClient
+
+
+def validation_retrying(max_reasks: int):
+    """A fresh ``tenacity.AsyncRetrying`` for instructor's ``max_retries``: re-ask (with the validation
+    error in the conversation, as instructor does) at most ``max_reasks`` times, and only after a reply
+    that fails the schema. Transport errors are not re-asked: the SDK has already retried them."""
+    import tenacity
+    from instructor.core.exceptions import AsyncValidationError, ResponseParsingError
+    from pydantic import ValidationError
+
+    return tenacity.AsyncRetrying(
+        stop=tenacity.stop_after_attempt(max(0, int(max_reasks)) + 1),
+        retry=tenacity.retry_if_exception_type((ValidationError, json.JSONDecodeError, AsyncValidationError,
+                                                ResponseParsingError)),
+        reraise=True)
 
 
 def _chain(exc: BaseException):
@@ -277,12 +299,22 @@ def _chain(exc: BaseException):
         e = e.__cause__ or e.__context__
 
 
-RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+#: statuses a rerun may get another answer for (not cached); the SDK retries 408, 409, 429 and >= 500
+TRANSIENT_STATUS = {408, 409, 425, 429}
 FATAL_STATUS = {401, 403}  # a wrong key fails every item: stop the run with a clear message
 
 
+def _retry_after(exc: BaseException) -> float | None:
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    try:
+        return max(0.0, float(headers.get("retry-after"))) if headers is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 def classify(exc: BaseException) -> tuple[str, bool, float | None]:
-    """(reason, retryable, retry_after seconds) for an exception raised by a judge call."""
+    """(reason, transient, the server's Retry-After seconds when it sent a number) for an exception
+    a judge call ended with; transient reasons are not cached, so a rerun asks again."""
     import asyncio
 
     import openai
@@ -297,7 +329,7 @@ def classify(exc: BaseException) -> tuple[str, bool, float | None]:
         if isinstance(e, (openai.APITimeoutError, asyncio.TimeoutError, TimeoutError)):
             return "timeout", True, None
         if isinstance(e, openai.APIStatusError):
-            return f"http_{e.status_code}", e.status_code in RETRYABLE_STATUS or e.status_code >= 500, retry_after_of(e)
+            return f"http_{e.status_code}", e.status_code in TRANSIENT_STATUS or e.status_code >= 500, _retry_after(e)
         if isinstance(e, openai.APIConnectionError):
             return "connection_error", True, None
     try:
@@ -324,44 +356,46 @@ class Outcome:
     attempts: int = 0
 
 
-async def call_with_retries(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, *,
-                            sleep: Callable[[float], Awaitable[Any]] | None = None,
-                            rng: random.Random | None = None) -> Outcome:
-    """Call ``fn`` until it succeeds or the retries run out; never raises for a judge failure
-    (only for a fatal 401/403, which names the key variable)."""
-    import asyncio
-
+async def call_with_retries(fn: Callable[[], Awaitable[T]], policy: RetryPolicy | None = None) -> Outcome:
+    """Run one judge call, whose retries happen inside the SDK (and instructor's re-asks), and turn
+    its end into an ``Outcome``: the value, or the unscored reason with ``detail`` (``attempts`` =
+    HTTP requests sent, ``waited`` = the SDK's backoff delays, ``transient``, ``error``). Never raises
+    for a judge failure, only for a fatal 401/403, which names the key variable. ``policy`` is what
+    the client was built with (``async_client``'s ``max_retries``); it is not applied a second time."""
     import openai
 
-    sleep = sleep or asyncio.sleep
-    waited: list[float] = []
-    for attempt in range(policy.retries + 1):
+    rec = CallLog()
+    token = _CALL.set(rec)
+    try:
         try:
-            return Outcome(value=await fn(), attempts=attempt + 1, detail={"waited": waited} if waited else {})
+            value = await fn()
         except Unscored as u:
-            return Outcome(reason=u.reason, detail={**u.detail, "attempts": attempt + 1}, attempts=attempt + 1)
-        except Exception as e:  # noqa: BLE001 - every failure becomes a reason or a retry
+            n = max(1, rec.requests)
+            return Outcome(reason=u.reason, detail={**u.detail, "attempts": n, **_waited(rec)}, attempts=n)
+        except Exception as e:  # noqa: BLE001 - every failure becomes a reason
             for c in _chain(e):
                 if isinstance(c, openai.APIStatusError) and c.status_code in FATAL_STATUS:
                     raise HarnessError(
                         f"the judge server refused the request with HTTP {c.status_code}. Fix: check the API key "
                         "in the variable named by --judge-api-key-env (default OPENAI_API_KEY) and --judge-base-url"
                     ) from None
-            reason, retryable, retry_after = classify(e)
+            reason, transient, _ = classify(e)
             shown = next((c for c in _chain(e) if isinstance(c, BadResponse)), e)
             msg = redact(str(shown).splitlines()[0])[:300] if str(shown) else type(shown).__name__
-            if not retryable or attempt == policy.retries:
-                d: dict = {"attempts": attempt + 1, "error": msg}
-                if waited:
-                    d["waited"] = waited
-                if reason in TRANSIENT_REASONS or (reason.startswith("http_") and retryable):
-                    d["transient"] = True
-                return Outcome(reason=reason, detail=d, attempts=attempt + 1)
-            delay = policy.backoff(attempt, retry_after, rng)
-            log.info("judge call failed (%s); retry %d of %d in %.2fs", reason, attempt + 1, policy.retries, delay)
-            waited.append(round(delay, 3))
-            await sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
+            n = max(1, rec.requests)
+            d: dict = {"attempts": n, "error": msg, **_waited(rec)}
+            if transient:
+                d["transient"] = True
+            log.info("judge call unscored after %d request(s): %s", n, reason)
+            return Outcome(reason=reason, detail=d, attempts=n)
+        n = max(1, rec.requests)
+        return Outcome(value=value, attempts=n, detail=_waited(rec))
+    finally:
+        _CALL.reset(token)
+
+
+def _waited(rec: CallLog) -> dict:
+    return {"waited": list(rec.waited)} if rec.waited else {}
 
 
 async def gather_bounded(fns: Sequence[Callable[[], Awaitable[T]]], concurrency: int) -> list[T]:

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Sequence
 
+from harness.core.errors import NonFiniteActivationError
 from harness.models.batch import examples_batch
 
 METHODS = ("response_avg", "prompt_avg", "prompt_last")
-
-
-class NonFiniteActivationError(ValueError):
-    pass
 
 
 def example_means(lm, examples: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8,

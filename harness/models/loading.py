@@ -165,7 +165,10 @@ def load_hf_model(model_id: str, *, device: str = "auto", dtype: str = "auto", d
     path = str(embedded_model_dir()) if embedded else model_id
     rev = {} if embedded or not revision else {"revision": revision}
     tok = AutoTokenizer.from_pretrained(path, **rev)
-    info: dict[str, Any] = {"path": path}
+    prepare_tokenizer(tok)
+    # before the weights load: a missing or broken chat template is reported at once
+    info: dict[str, Any] = {"path": path, "chat": configure_chat(tok, canonical, chat_template=chat_template,
+                                                                 thinking=thinking)}
     if device_map:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, device_map=device_map, **rev)
         dev = model.get_input_embeddings().weight.device
@@ -177,8 +180,6 @@ def load_hf_model(model_id: str, *, device: str = "auto", dtype: str = "auto", d
     # with the fingerprint the cache keys were made with
     info["fingerprint"] = model_fingerprint(canonical, revision, cache_only=True)
     model.eval()  # no autograd switch here: the passes that run the model use torch.inference_mode()
-    prepare_tokenizer(tok)
-    info["chat"] = configure_chat(tok, canonical, chat_template=chat_template, thinking=thinking)
     info["class"] = type(model).__name__
     return LoadedModel(model=model, tokenizer=tok, model_id=canonical, device=dev, dtype=dt, info=info)
 
@@ -289,15 +290,6 @@ def prompt_ids(tok, messages: list[dict[str, str]], *, thinking: bool | None = N
     if isinstance(out, dict) or hasattr(out, "input_ids"):
         out = out["input_ids"]
     return [int(i) for i in out]
-
-
-def article(name: str) -> str:
-    """'an' before a vowel sound written with a vowel letter, else 'a' (the paper's rule)."""
-    return "an" if name[:1].lower() in "aeiou" else "a"
-
-
-def system_prompt(name: str, instruction: str) -> str:
-    return f"You are {article(name)} {name} assistant. {instruction}".strip()
 
 
 def cache_kwarg(model) -> str:
