@@ -1,15 +1,17 @@
 """The architecture equalities of tests/test_engine_architectures.py on CUDA, for every supported type.
 
-python benchmarks/gpu_arch_check.py OUT.json [--types llama,qwen2,...] [--dtypes float32,bfloat16] [--device cuda]
+python benchmarks/gpu_arch_check.py OUT.json [--types llama,qwen2,...] [--dtypes float32,bfloat16]
+                                    [--fused auto,off] [--hf-attn eager|sdpa] [--device cuda|cpu]
 
 For each model type on ``harness.engine.SUPPORTED_MODEL_TYPES`` and each dtype, the tiny random model of
 ``harness.engine.conformance.CONFIGS`` is checked with the engine as the pipeline runs it (``fused="auto"``:
 compiled kernels, Triton sampler, CUDA graphs) and with ``fused="off"``: greedy tokens vs HF ``generate``,
 sampled tokens vs HF ``generate`` with the harness's seeded sampler, extraction sums vs the reference
-extractor. fp32 must match exactly (tokens) and within 1e-3 (sums); bf16 results are recorded (rounding
-differs between the engine's attention and HF's, so near-ties may diverge). Needs only torch,
-transformers and the harness (run from the repository root, or with it on PYTHONPATH). Writes OUT.json
-after every type; exits 1 when an fp32 check fails.
+extractor (HF with its eager attention unless ``--hf-attn sdpa``). fp32 must match exactly (tokens) and
+within 1e-3 (sums); bf16 results are recorded (the engine's attention and HF's round differently, so
+near-ties may part: ``greedy.divergence`` gives HF's own logit gap there). Needs only torch, transformers
+and the harness (run from the repository root). Writes OUT.json after every type; exits 1 when an fp32
+check fails.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--fused", default="auto,off", help="engine fused modes to check")
     ap.add_argument("--device", default="cuda", help="cuda (default), or cpu for a smoke run of this script")
+    ap.add_argument("--hf-attn", default="eager", help="HF's attention for the reference (eager: the reference "
+                                                      "implementation; sdpa: HF's default)")
     a = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     import torch
@@ -52,18 +56,18 @@ def main(argv=None) -> int:
         return 2
     types = [t for t in a.types.split(",") if t] or sorted(SUPPORTED_MODEL_TYPES)
     name = torch.cuda.get_device_name(torch.device(a.device)) if a.device.startswith("cuda") else "cpu"
-    report: dict = {"device": name, "torch": torch.__version__,
+    report: dict = {"device": name, "torch": torch.__version__, "hf_attention": a.hf_attn,
                     "transformers": transformers.__version__, "results": {}, "fp32_failures": []}
     for mt in types:
         for dt in a.dtypes.split(","):
             for fused in a.fused.split(","):
-                key = f"{mt}/{dt}/fused={fused}"
+                key = f"{mt}/{dt}/fused={fused}" + ("" if a.hf_attn == "eager" else f"/hf={a.hf_attn}")
                 t0 = time.perf_counter()
                 try:
-                    lm = tiny_model(mt, dtype=dt, device=a.device)
+                    lm = tiny_model(mt, dtype=dt, device=a.device, attn_implementation=a.hf_attn)
                     res = compare(lm, fused=fused)
                     res["ok"] = fp32_ok(res) if dt == "float32" else None
-                except Exception:  # noqa: BLE001 - record and go on with the next type
+                except Exception:
                     res = {"error": traceback.format_exc()[-3000:], "ok": False if dt == "float32" else None}
                 res["seconds"] = round(time.perf_counter() - t0, 2)
                 report["results"][key] = res

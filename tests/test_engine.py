@@ -252,3 +252,41 @@ def test_fused_swap_eager_equals_hf_and_restores(embedded_dir, model_type):
 def test_fused_is_off_on_cpu(tiny_lm):
     eng = Engine(tiny_lm)
     assert eng.fused == "auto" and not eng.fused_compile and not eng.fused_swap
+
+
+def test_block_calls_tell_hooks_positions_and_rows(tiny_lm):
+    """Every block call of the fast path carries a BlockCall: the real positions and prefill at the first
+    call, then decode calls; batch row r is the caller's prompt rows[r] (the engine sorts by length)."""
+    import torch
+
+    from harness.models.blockcall import BlockCall, block_call_of
+
+    prompts = _prompts(tiny_lm.tokenizer, 3)
+    prompts[0] = prompts[0] + prompts[0]  # the longest comes first: the engine reorders the rows
+    seen = []
+
+    def hook(mod, args, kwargs, out):
+        seen.append(block_call_of(kwargs))
+
+    h = tiny_lm.model.model.layers[0].register_forward_hook(hook, with_kwargs=True)
+    try:
+        Engine(tiny_lm).generate(prompts, 3, temperature=0.0, stop_ids=[], pad_id=tiny_lm.tokenizer.pad_token_id,
+                                 ignore_eos=True)
+    finally:
+        h.remove()
+    assert len(seen) == 3 and all(isinstance(c, BlockCall) for c in seen)
+    first, *decode = seen
+    order = sorted(range(3), key=lambda i: len(prompts[i]))
+    assert first.prefill is True and tuple(first.rows) == tuple(order) and first.n == 3
+    lengths = [len(prompts[i]) for i in order]
+    assert first.mask.dtype == torch.bool and first.mask.sum(1).tolist() == lengths
+    assert all(c.prefill is False and c.mask is None and tuple(c.rows) == tuple(order) for c in decode)
+    # HF's own forward passes none
+    seen.clear()
+    h = tiny_lm.model.model.layers[0].register_forward_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            tiny_lm.model(input_ids=torch.tensor([prompts[1]]))
+    finally:
+        h.remove()
+    assert seen == [None]

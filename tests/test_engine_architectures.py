@@ -12,9 +12,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from harness.engine import SUPPORTED_MODEL_TYPES, Engine, fast_extraction_supported, fast_generation_supported  # noqa: E402
-from harness.engine import attention  # noqa: E402
-from harness.engine.conformance import CONFIGS, compare, tiny_model  # noqa: E402
+from harness.engine import (
+    SUPPORTED_MODEL_TYPES,
+    Engine,
+    attention,
+    fast_extraction_supported,
+    fast_generation_supported,
+)
+from harness.engine.conformance import CONFIGS, compare, tiny_model
 
 FP32_EXTRACT_TOL = 1e-3  # largest |engine - reference| / (|reference| + 1e-3 max|reference|) in fp32
 SWAPPED = ("llama", "mistral", "qwen2", "qwen3")  # families whose norms / MLP / rotary the fused path swaps
@@ -29,6 +34,19 @@ def _quiet():
 
 def test_supported_list_is_exactly_the_tested_list():
     assert SUPPORTED_MODEL_TYPES == set(CONFIGS)
+
+
+def test_docs_list_the_supported_architectures_and_what_their_tests_cover():
+    import re
+    from pathlib import Path
+
+    from harness.engine import ARCHS
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "engine.md").read_text()
+    section = doc.split("## Supported architectures", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| ([a-z0-9_]+) \| (.+?) \|$", section, re.M))
+    rows.pop("model_type", None)
+    assert rows == {mt: a.tested for mt, a in ARCHS.items()}
 
 
 def _assert_equal(res):
@@ -141,7 +159,7 @@ def test_fast_generator_and_extractor_fall_back_naming_the_reason(unlisted):
     from harness_plugins.generate_fast import FastGenerator
     from harness_plugins.generate_hf import HFGenerator
 
-    lm, s, trait, ctx, reqs = unlisted
+    _, s, trait, ctx, reqs = unlisted
     hf = HFGenerator(s).generate(reqs, ctx)
     with pytest.warns(UserWarning, match=r"generator 'fast': model_type 'exaone4' is not among .*using the 'hf' generator"):
         fast = FastGenerator(s).generate(reqs, ctx)

@@ -268,7 +268,12 @@ def _eval_set(seed):
         r = torch.Generator().manual_seed(7)
         ps = [float(x) for x in torch.rand(20, generator=r) * 100]
         ns = [float(x) for x in torch.rand(20, generator=r) * 100]
-    return EvalSet(pos, neg, qs, list(qs), ps, ns)
+    # the same responses' prompt-token averages differ along another axis (method axis 2)
+    alt = torch.randn(20, L + 1, H, generator=g), torch.randn(20, L + 1, H, generator=g)
+    alt[0][:, :, SCEN.get("method_axis", 2)] += 3.0
+    alt[1][:, :, SCEN.get("method_axis", 2)] -= 3.0
+    return EvalSet(pos, neg, qs, list(qs), ps, ns, methods={"prompt_avg": alt, "prompt_last": alt},
+                   token_norms=[1.0] * (L + 1))
 
 
 @pytest.fixture(scope="session")
@@ -304,7 +309,8 @@ if not SCEN.get("real_reference"):  # else the plugin's fixture reads traits/<na
 
 GOOD = {"pos_score": 80, "neg_score": 10, "kept": 5, "peak": 2, "sep": 3.0, "ref_axis": 0, "other_axis": 1}
 CHECKS = {"default": {"score_gap": 30, "effective_pair_rate": 0.3, "norm_peak_band": [0.4, 0.8], "auroc": 0.8,
-                      "heldout_cosine": 0.8, "specificity_margin": 0.2, "score_correlation": 0.5,
+                      "heldout_cosine": 0.8, "heldout_method_margin": 0.2, "specificity_margin": 0.2,
+                      "specificity_cosine_margin": 0.2, "score_correlation": 0.5,
                       "reference_cosine": 0.9, "layer": "auto"}}
 ALL_CHECKS = ("score_gap", "norm_peak", "projection_auroc", "heldout_cosine", "specificity", "score_correlation",
               "reference_cosine")
@@ -462,9 +468,10 @@ def test_good_synthetic_data_passes_every_check_with_table_intervals_junit_and_j
     ({"kept": 1}, "test_score_gap", "*effective-pair rate 0.100 (1 of 10*< 0.3*"),
     ({"peak": 1}, "test_norm_peak", "*relative-norm peak at layer 1 of 4 (relative depth 0.250) is outside*"),
     ({"other_axis": 0}, "test_specificity", "*own AUROC 1.000 minus best other trait's 1.000*lower bound < 0.2*"),
+    ({"method_axis": 0}, "test_heldout_cosine", "*not closer to the eval split's response-mean difference*"),
     ({"scores_random": True}, "test_score_correlation", "*Pearson r*lower bound < 0.5*"),
     ({"ref_axis": 1}, "test_reference_cosine", "*cosine to the reference 0.000 at layer 1 < 0.9*"),
-], ids=["gap", "pair-rate", "norm-peak", "specificity", "correlation", "cosine"])
+], ids=["gap", "pair-rate", "norm-peak", "specificity", "method", "correlation", "cosine"])
 def test_each_check_fails_on_data_that_must_fail(project, scenario, failing, message):
     res = project(scenario, "-rf")
     res.assert_outcomes(passed=len(ALL_CHECKS) - 1, failed=1)
@@ -630,7 +637,8 @@ def test_real_pipeline_on_tiny_model_fake_judge_runs_each_stage_once_and_reuses_
     but not judged, a rerun takes every generation from the cache, and --harness-update-reference works."""
     _trait_files(pytester.path / "traits", "mini", {"default": {"score_gap": 50, "effective_pair_rate": 0.5,
                                                                 "norm_peak_band": [0.0, 1.0], "auroc": 0.0,
-                                                                "heldout_cosine": -1.0}})
+                                                                "heldout_cosine": -1.0,
+                                                                "heldout_method_margin": -2.0}})
     (pytester.path / "traits" / "test_project_acceptance.py").write_text(ACCEPTANCE)
     (pytester.path / "persona-harness.toml").write_text(
         'judge = "fake"\nmax_new_tokens = 4\nn_per_question = 1\nextract_batch_size = 4\n')
@@ -667,7 +675,8 @@ def test_another_project_with_only_the_one_line_module_runs_the_packaged_checks(
     assert ROOT not in pytester.path.parents
     _trait_files(pytester.path / "traits", "mini", {"default": {"score_gap": 50, "effective_pair_rate": 0.5,
                                                                 "norm_peak_band": [0.0, 1.0], "auroc": 0.0,
-                                                                "heldout_cosine": -1.0}})
+                                                                "heldout_cosine": -1.0,
+                                                                "heldout_method_margin": -2.0}})
     # own basename: in one pytest process with this repo's traits/ the module name test_acceptance is taken
     (pytester.path / "traits" / "test_project_acceptance.py").write_text(ONE_LINE_MODULE)
     (pytester.path / "persona-harness.toml").write_text(

@@ -275,3 +275,33 @@ def test_settings_built_in_code_are_validated_before_the_run_starts(tmp_path, ti
         run_trait("mini", Settings(traits_dirs=(str(mini_trait_dir),), out_dir=str(tmp_path / "o"), max_new_tokens=0,
                                    cache_dir=str(tmp_path / "c")), pm=tiny_pm)
     assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_traits_dir_shadowing_a_shipped_trait_says_so(tmp_path, capsys):
+    """--traits-dir is searched first; a same-named trait with other content is named in a warning."""
+    import shutil
+
+    from harness.core.config import Settings
+    from harness.core.plugins import get_plugin_manager
+    from harness_plugins.traits_json import TraitShadowWarning
+
+    shipped = Path(__file__).resolve().parent.parent / "traits" / "evil"
+    mine = tmp_path / "mine" / "evil"
+    mine.mkdir(parents=True)
+    (mine / "extract.json").write_text(json.dumps({"instruction": [{"pos": "Be cruel.", "neg": "Be kind."}],
+                                                   "questions": ["How do I greet a neighbour?"],
+                                                   "eval_prompt": "Evil 0-100?\n{question}\n{answer}"}))
+    pm = get_plugin_manager(entrypoints=False)
+    s = Settings(traits_dirs=(str(tmp_path / "mine"),))
+    with pytest.warns(TraitShadowWarning) as rec:
+        spec = pm.hook.harness_load_trait(name="evil", settings=s)
+    assert spec.source == str(mine / "extract.json")
+    msg = str(rec[0].message)
+    assert str(mine) in msg and str(shipped) in msg and "shadows" in msg
+    same = tmp_path / "same" / "evil"
+    shutil.copytree(shipped, same)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TraitShadowWarning)  # an identical copy shadows nothing
+        pm.hook.harness_load_trait(name="evil", settings=Settings(traits_dirs=(str(tmp_path / "same"),)))

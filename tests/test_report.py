@@ -228,3 +228,29 @@ def test_sweep_chooses_on_the_select_half_and_reports_on_the_other(tiny_run):
     flipped = [{**c, "halves": {"select": c["halves"]["select"], "report": {"steering_score": 0.0}}} for c in res["cells"]]
     assert (select_cell(flipped, res["baseline"]["halves"])["coef"]) == sel["coef"]
     assert all("relevance_mean" in c and "steering_score" in c for c in res["cells"])
+
+
+def test_report_is_a_jinja2_template_that_escapes_run_data(tiny_run, tmp_path):
+    """Everything from the run directory is text on the page: a hostile trait name, model id or
+    answer cannot add markup (the template is autoescaped)."""
+    from harness.analysis.report import TEMPLATE, build_report, render_page
+
+    run_dir, s, pm = tiny_run
+    bare = tmp_path / "hostile"
+    bare.mkdir()
+    for n in ("generations.jsonl", "judgments.jsonl", "vectors.safetensors"):
+        shutil.copy(run_dir / n, bare / n)
+    run = json.loads((run_dir / "run.json").read_text())
+    evil = '<img src=x onerror="alert(1)">'
+    run["trait"]["name"], run["model"]["id"] = evil, evil + "&"
+    (bare / "run.json").write_text(json.dumps(run))
+    page = build_report(bare, lm=None)
+    assert page.startswith("<!DOCTYPE html>")
+    assert evil not in page and "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in page
+    assert "<script" not in page
+    out = render_page({"trait": "t", "model": "m", "run_dir": "d", "harness_version": "v", "notes": ["<b>n</b>"],
+                       "sections": [{"anchor": "a", "title": "<i>T</i>",
+                                     "blocks": [{"kind": "missing", "what": "<w>", "how": "<h>"}]}]})
+    assert "&lt;b&gt;n&lt;/b&gt;" in out and "&lt;i&gt;T&lt;/i&gt;" in out
+    assert '<div class="missing"><b>&lt;w&gt;</b> not available: &lt;h&gt;</div>' in out
+    assert TEMPLATE.endswith(".j2")

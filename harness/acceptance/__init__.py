@@ -124,20 +124,30 @@ def test_projection_auroc(trait_vector, eval_set_neutral, eval_set, check_layer,
 
 def test_heldout_cosine(trait_vector, eval_set, check_layer, trait_thresholds, acceptance):
     """4. The vector points where the evaluation split's own mean difference points: cosine at the
-    check layer >= the threshold (lower bound). A vector of another trait, method or layer, a flipped
-    or random one, or one from shuffled labels does not."""
-    layer = check_layer
+    check layer >= ``heldout_cosine`` (lower bound); and it matches the response-mean difference
+    better than the prompt-mean and last-prompt-token differences of the same responses, by
+    ``heldout_method_margin`` (a vector of the wrong extraction method does not). A flipped or random
+    vector, or one from shuffled labels, fails the first."""
+    th, layer = trait_thresholds, check_layer
     r = checks.heldout_cosine(eval_set, trait_vector, layer, n_boot=checks.N_BOOT)
     acceptance.metric("layer", layer)
-    ok = acceptance.metric("heldout_cosine", r["value"], trait_thresholds["heldout_cosine"], ">=", ci=r["ci"])
+    ok = acceptance.metric("heldout_cosine", r["value"], th["heldout_cosine"], ">=", ci=r["ci"])
+    m = checks.heldout_method_margin(eval_set, trait_vector, layer, n_boot=checks.N_BOOT) if eval_set.methods else None
+    ok_m = True
+    if m is not None:
+        ok_m = acceptance.metric("heldout_method_margin", m["value"], th["heldout_method_margin"], ">=", ci=m["ci"])
+        acceptance.info("heldout_cosine_by_method", m["cosine_by_method"])
     acceptance.info("heldout_cosine_per_layer", [round(c, 4) for c in checks.per_layer_heldout_cosine(eval_set, trait_vector)])
-    assert ok, (f"cosine to the eval split's mean difference {_ci(r)} at layer {layer}: lower bound < "
-                f"{trait_thresholds['heldout_cosine']}")
-    _skip_if_informational(trait_thresholds, ("heldout_cosine",), f"held-out cosine {_ci(r)} at layer {layer}")
+    assert ok, f"cosine to the eval split's mean difference {_ci(r)} at layer {layer}: lower bound < {th['heldout_cosine']}"
+    assert ok_m, (f"the vector is not closer to the eval split's response-mean difference than to its prompt-token "
+                  f"differences ({m['cosine_by_method']}): margin {_ci(m)} at layer {layer}, lower bound < "
+                  f"{th['heldout_method_margin']} (the wrong extraction method?)")
+    _skip_if_informational(th, ("heldout_cosine", "heldout_method_margin"), f"held-out cosine {_ci(r)}"
+                           + (f", method margin {_ci(m)}" if m else "") + f" at layer {layer}")
 
 
-def test_specificity(trait, trait_vector, eval_set_neutral, other_trait_vectors, specificity_matrix, check_layer,
-                     trait_thresholds, acceptance):
+def test_specificity(trait, trait_vector, eval_set, eval_set_neutral, other_trait_vectors, specificity_matrix,
+                     check_layer, trait_thresholds, acceptance):
     """5. The trait's vector separates its own evaluation split (neutral prompt) clearly better than
     the other installed traits' vectors do: own AUROC - best other AUROC >= the margin (lower bound).
     The trait x vector matrix of the traits run in this session is reported (and each other trait's
@@ -145,22 +155,31 @@ def test_specificity(trait, trait_vector, eval_set_neutral, other_trait_vectors,
     if not other_trait_vectors:
         pytest.skip(f"no other trait's vector for this model (run several --trait at once, or store references "
                     f"with 'persona-harness reference'): specificity of {trait!r} not measured")
-    layer = check_layer
+    th, layer = trait_thresholds, check_layer
     r = checks.specificity(eval_set_neutral, trait_vector, other_trait_vectors, layer, n_boot=checks.N_BOOT)
+    c = checks.specificity_cosine(eval_set, trait_vector, other_trait_vectors, layer, n_boot=checks.N_BOOT)
     acceptance.metric("layer", layer)
     acceptance.metric("own_auroc", r["own_auroc"])
     acceptance.metric("best_other_auroc", max(r["other_auroc"].values()))
-    ok = acceptance.metric("specificity_margin", r["value"], trait_thresholds["specificity_margin"], ">=", ci=r["ci"])
+    ok = acceptance.metric("specificity_margin", r["value"], th["specificity_margin"], ">=", ci=r["ci"])
+    acceptance.metric("own_cosine", c["own_cosine"])
+    acceptance.metric("best_other_cosine", max(c["other_cosine"].values()))
+    ok_c = acceptance.metric("specificity_cosine_margin", c["value"], th["specificity_cosine_margin"], ">=", ci=c["ci"])
     acceptance.info("specificity_other_auroc", r["other_auroc"])
+    acceptance.info("specificity_other_cosine", c["other_cosine"])
     acceptance.info("specificity_matrix", specificity_matrix)
     assert ok, (f"own AUROC {r['own_auroc']:.3f} minus best other trait's {max(r['other_auroc'].values()):.3f} "
-                f"({r['other_auroc']}) = {_ci(r)} at layer {layer}: lower bound < {trait_thresholds['specificity_margin']}")
+                f"({r['other_auroc']}) = {_ci(r)} at layer {layer}: lower bound < {th['specificity_margin']}")
+    assert ok_c, (f"cosine to this trait's eval mean difference {c['own_cosine']:.3f} minus best other trait's "
+                  f"{max(c['other_cosine'].values()):.3f} ({c['other_cosine']}) = {_ci(c)} at layer {layer}: lower "
+                  f"bound < {th['specificity_cosine_margin']} (another trait's vector?)")
     col = specificity_matrix.get("auroc", {})
     worse = [v for v, row in col.items() if v != trait and trait in row and v in row
              and row.get(trait) is not None and row.get(v) is not None and row[v] <= row[trait]]
     assert not worse, (f"on the evaluation split of {worse}, {trait!r}'s vector separates at least as well as "
                        f"their own vector ({ {v: col[v] for v in worse} })")
-    _skip_if_informational(trait_thresholds, ("specificity_margin",), f"specificity margin {_ci(r)} at layer {layer}")
+    _skip_if_informational(th, ("specificity_margin", "specificity_cosine_margin"),
+                           f"AUROC margin {_ci(r)}, cosine margin {_ci(c)} at layer {layer}")
 
 
 def test_score_correlation(trait_vector, eval_set_neutral, eval_judged, check_layer, trait_thresholds, acceptance):

@@ -141,15 +141,10 @@ def pytest_configure(config):
     known = known_traits(pm, settings)
     unknown = [t for t in traits if t not in known]
     if unknown:
-        try:
-            from harness_plugins.traits_json import default_trait_dirs
-
-            where = [str(d) for d in default_trait_dirs(settings)]
-        except ImportError:  # pragma: no cover
-            where = [str(d) for d in settings.traits_dirs]
+        where = [str(d) for d in settings.traits_dirs]  # besides the trait sources' own places (shipped traits)
         raise pytest.UsageError(
-            f"unknown trait(s) {unknown}; known: {known}. Traits are looked up in {where} "
-            "(add a folder with --harness-traits-dir or the harness_traits_dir ini key)")
+            f"unknown trait(s) {unknown}; known: {known}. Traits are looked up in {where} and the installed "
+            "traits (add a folder with --harness-traits-dir or the harness_traits_dir ini key)")
     opt_runs = config.getoption("harness_run_dir")
     run_root = _resolve(Path.cwd(), opt_runs) if opt_runs else _resolve(base, config.getini("harness_run_dir") or "runs")
     from harness.core.pipeline import slug
@@ -306,28 +301,35 @@ def trait_vector(trait_vectors):
     return trait_vectors.tensors["response_avg_diff"]
 
 
-def _eval_means(hs: HarnessSession, trait_name: str, gens: list, neutral: bool):
-    """Per-example response means of ``gens``: under each generation's own prompt, or (``neutral``)
-    re-encoded under the question alone (the chat template's default system prompt, shared by pos and
-    neg). Cached under the cache directory, keyed by model, generations and prompt kind."""
+#: response tokens' activation norms are measured on at most this many evaluation responses
+NORM_EXAMPLES = 64
+
+
+def _eval_means(hs: HarnessSession, trait_name: str, gens: list, neutral: bool) -> dict:
+    """Per-example means of ``gens``: under each generation's own prompt (response, prompt-mean and
+    last-prompt-token averages), or (``neutral``) re-encoded under the question alone (the chat
+    template's default system prompt, shared by pos and neg; response average and the mean per-token
+    norm of the responses). Cached under the cache directory, keyed by model, generations and kind."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from harness.analysis.steering import mean_activation_norms
     from harness.core.records import content_hash
-    from harness.models.activations import example_means
+    from harness.models.activations import METHODS, example_means
     from harness.models.loading import prompt_ids
 
     s = hs.trait_settings(trait_name)
     kind = "neutral" if neutral else "in_context"
+    methods = ("response_avg",) if neutral else METHODS
     key = content_hash({"model": s.model, "dtype": s.dtype, "gens": [g.cache_key or g.id for g in gens],
-                        "method": "response_avg", "prompt": kind, "version": 1})
+                        "methods": list(methods), "prompt": kind, "version": 2})
     path = Path(s.cache_dir) / "activations" / f"{key[:32]}.safetensors"
     if path.exists():
         try:
             with safe_open(str(path), framework="pt") as fh:
                 if (fh.metadata() or {}).get("key") == key:
-                    return fh.get_tensor("means")
+                    return {k: fh.get_tensor(k) for k in fh.keys()}
         except Exception:  # a torn or foreign file: recompute and replace it
             pass
     ctx = hs.contexts.get(trait_name)
@@ -338,13 +340,19 @@ def _eval_means(hs: HarnessSession, trait_name: str, gens: list, neutral: bool):
     lm = ctx.model()
     ex = [((prompt_ids(lm.tokenizer, [{"role": "user", "content": g.question}]) if neutral else g.prompt_token_ids),
            g.response_token_ids) for g in gens]
-    means = torch.cat([b["response_avg"].cpu() for b in example_means(lm, ex, s.extract_batch_size,
-                                                                      methods=("response_avg",))], 0).contiguous()
+    parts: dict[str, list] = {m: [] for m in methods}
+    for b in example_means(lm, ex, s.extract_batch_size, methods=methods):
+        for m in methods:
+            parts[m].append(b[m].cpu())
+    out = {m: torch.cat(v, 0).contiguous() for m, v in parts.items()}
+    if neutral:
+        out["token_norms"] = torch.tensor(mean_activation_norms(lm, ex[:NORM_EXAMPLES], tokens="response",
+                                                                batch_size=s.extract_batch_size))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{__import__('os').getpid()}.tmp")
-    save_file({"means": means}, str(tmp), metadata={"key": key, "method": "response_avg", "prompt": kind})
+    save_file(out, str(tmp), metadata={"key": key, "prompt": kind})
     tmp.replace(path)
-    return means
+    return out
 
 
 def _eval_set(hs: HarnessSession, run, neutral: bool):
@@ -357,9 +365,16 @@ def _eval_set(hs: HarnessSession, run, neutral: bool):
         pytest.fail(f"{run.trait.name}: no eval-split generations for both polarities (eval.json missing or "
                     "all responses empty)")
     scores = {j.generation_id: j.score for j in run.judgments if j.metric == run.trait.name}
-    return EvalSet(pos=_eval_means(hs, run.trait.name, pos, neutral), neg=_eval_means(hs, run.trait.name, neg, neutral),
+    P, N = _eval_means(hs, run.trait.name, pos, neutral), _eval_means(hs, run.trait.name, neg, neutral)
+    norms = None
+    if neutral:  # pooled over pos and neg (weighted by their example counts)
+        n_p, n_n = min(len(pos), NORM_EXAMPLES), min(len(neg), NORM_EXAMPLES)
+        norms = ((P["token_norms"] * n_p + N["token_norms"] * n_n) / (n_p + n_n)).tolist()
+    return EvalSet(pos=P["response_avg"], neg=N["response_avg"],
                    pos_q=[g.question for g in pos], neg_q=[g.question for g in neg],
-                   pos_scores=[scores.get(g.id) for g in pos], neg_scores=[scores.get(g.id) for g in neg])
+                   pos_scores=[scores.get(g.id) for g in pos], neg_scores=[scores.get(g.id) for g in neg],
+                   methods={m: (P[m], N[m]) for m in ("prompt_avg", "prompt_last") if m in P},
+                   token_norms=norms)
 
 
 @pytest.fixture(scope="session")
@@ -391,12 +406,12 @@ def eval_judged(harness_session, trait_run) -> bool:
 
 @pytest.fixture(scope="session")
 def trait_norm_peak(trait_vector, eval_set_neutral) -> dict:
-    """The norm peak on ||v[l]|| / mean ||h[l]|| (activation norms of the evaluation responses,
-    labels unused), with the raw peak beside it."""
-    from harness.analysis.checks import activation_norms, norm_peak
+    """The norm peak on ||v[l]|| / mean ||h[l]|| (the mean per-token activation norm of evaluation
+    responses, labels unused), with the raw peak beside it."""
+    from harness.analysis.checks import norm_peak
     from harness.analysis.metrics import layer_norms
 
-    return norm_peak(layer_norms(trait_vector), activation_norms(eval_set_neutral.pos, eval_set_neutral.neg))
+    return norm_peak(layer_norms(trait_vector), eval_set_neutral.token_norms)
 
 
 @pytest.fixture(scope="session")

@@ -34,8 +34,12 @@ THRESHOLD_KEYS: dict[str, str] = {
              "check layer: the interval's lower bound must be >= this",
     "heldout_cosine": "cosine at the check layer between the vector and the eval split's own mean difference: the "
                       "interval's lower bound must be >= this",
+    "heldout_method_margin": "cosine to the eval split's response-mean difference minus the best cosine to its "
+                             "prompt-mean / last-prompt-token differences at the check layer: lower bound >= this",
     "specificity_margin": "own AUROC minus the best other trait vector's AUROC on this trait's eval split (neutral "
                           "prompt): the interval's lower bound must be >= this",
+    "specificity_cosine_margin": "cosine of this trait's vector to its eval split's mean difference minus the best "
+                                 "other trait vector's cosine to it: the interval's lower bound must be >= this",
     "score_correlation": "Pearson r between the projection at the check layer and the judged trait score on the "
                          "eval split (needs --harness-judge-eval): the interval's lower bound must be >= this",
     "reference_cosine": "cosine(new vector, stored reference) at every inner layer must be >= this",
@@ -46,14 +50,17 @@ THRESHOLD_KEYS: dict[str, str] = {
 #: Thresholds that may be ``null``: the metric is still measured and reported, but not enforced (the
 #: check is skipped with the measured value and the reason, taken from the block's ``"_<key>"`` note).
 NULLABLE_KEYS = ("score_gap", "effective_pair_rate", "norm_peak_band", "auroc", "heldout_cosine",
-                 "specificity_margin", "score_correlation", "reference_cosine", "reproduce_tolerance")
+                 "heldout_method_margin", "specificity_margin", "specificity_cosine_margin", "score_correlation",
+                 "reference_cosine", "reproduce_tolerance")
 DEFAULT_THRESHOLDS: dict[str, Any] = {
     "score_gap": 10.0,
     "effective_pair_rate": 0.05,
     "norm_peak_band": [0.2, 0.97],
     "auroc": 0.6,
     "heldout_cosine": 0.5,
+    "heldout_method_margin": 0.0,
     "specificity_margin": 0.05,
+    "specificity_cosine_margin": 0.0,
     "score_correlation": 0.3,
     "reference_cosine": 0.9,
     "reproduce_tolerance": 1e-3,
@@ -173,15 +180,6 @@ def effective_pair_rate(selection: Any) -> dict:
 
 
 # -- check 2: norm peak ----------------------------------------------------------------------
-def activation_norms(*means: Any) -> list[float]:
-    """Typical activation norm per layer: the mean over examples of ||m_i[l]|| for per-example
-    means ``[n, L+1, H]`` (several tensors are pooled). Labels play no part."""
-    import torch
-
-    allm = torch.cat([m.float() for m in means], 0)
-    return [float(x) for x in allm.norm(dim=-1).mean(0).tolist()]
-
-
 def norm_peak(norms: Sequence[float], act_norms: Sequence[float] | None = None) -> dict:
     """Peak of the vector's norm over the inner indices 1..L-1 (index 0 = embeddings and index L =
     after the final norm are excluded). With ``act_norms`` (the typical activation norm per layer)
@@ -238,6 +236,11 @@ class EvalSet:
     neg_q: list
     pos_scores: list = field(default_factory=list)
     neg_scores: list = field(default_factory=list)
+    #: other token averages of the same responses, ``{"prompt_avg": (pos, neg), "prompt_last": ...}``
+    #: (in-context only): what a vector of the wrong extraction method would match
+    methods: dict = field(default_factory=dict)
+    #: mean per-token activation norm of the responses per layer (labels unused)
+    token_norms: list | None = None
 
     def questions(self) -> list:
         return list(dict.fromkeys([*self.pos_q, *self.neg_q]))
@@ -291,6 +294,48 @@ def heldout_cosine(ev: EvalSet, vector: Any, layer: int, *, n_boot: int = 1000, 
         return cosine(P[p].mean(0) - N[n].mean(0), v)
 
     return _with_ci(ev, stat, n_boot=n_boot, seed=seed)
+
+
+def heldout_method_margin(ev: EvalSet, vector: Any, layer: int, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Cosine to the evaluation split's response-mean difference minus the best cosine to its
+    prompt-mean or last-prompt-token differences: positive when the vector was averaged over the
+    response tokens, as the paper's method is, and not over the prompt."""
+    if not ev.methods:
+        raise HarnessError("the evaluation set has no prompt-token averages to compare the method with")
+    v = vector[layer].float()
+    P, N = ev.pos[:, layer].float(), ev.neg[:, layer].float()
+    alt = {m: (pp[:, layer].float(), nn_[:, layer].float()) for m, (pp, nn_) in ev.methods.items()}
+
+    def stat(p: list[int], n: list[int]) -> float:
+        if not p or not n:
+            return math.nan
+        own = cosine(P[p].mean(0) - N[n].mean(0), v)
+        return own - max(cosine(a[p].mean(0) - b[n].mean(0), v) for a, b in alt.values())
+
+    res = _with_ci(ev, stat, n_boot=n_boot, seed=seed)
+    res["cosine_by_method"] = {"response_avg": cosine(P.mean(0) - N.mean(0), v),
+                               **{m: cosine(a.mean(0) - b.mean(0), v) for m, (a, b) in alt.items()}}
+    return res
+
+
+def specificity_cosine(ev: EvalSet, vector: Any, others: Mapping[str, Any], layer: int, *, n_boot: int = 1000,
+                       seed: int = 0) -> dict:
+    """Cosine between this trait's vector and its evaluation split's own response-mean difference,
+    minus the best cosine another trait's vector reaches with that difference."""
+    P, N, v = ev.pos[:, layer].float(), ev.neg[:, layer].float(), vector[layer].float()
+    oth = {k: o[layer].float() for k, o in others.items()}
+
+    def stat(p: list[int], n: list[int]) -> float:
+        if not p or not n or not oth:
+            return math.nan
+        d = P[p].mean(0) - N[n].mean(0)
+        return cosine(d, v) - max(cosine(d, o) for o in oth.values())
+
+    res = _with_ci(ev, stat, n_boot=n_boot, seed=seed)
+    d = P.mean(0) - N.mean(0)
+    res["own_cosine"] = cosine(d, v)
+    res["other_cosine"] = {k: cosine(d, o) for k, o in oth.items()}
+    return res
 
 
 def per_layer_heldout_cosine(ev: EvalSet, vector: Any) -> list[float]:

@@ -6,12 +6,15 @@ AUROC by layer; steering curves; logit-lens tables; SAE latents (when ``sae.json
 example steered answers. Data that a plot needs but the run directory lacks is computed when a
 model is available (``monitor.json``, ``lens.json``), otherwise the section says which command
 makes it. matplotlib runs with the Agg backend; nothing is fetched from the network.
+
+The page is a jinja2 template (``templates/report.html.j2`` + ``report.css``, autoescaped): this
+module prepares the data as plain values and typed blocks (``kind``: img, missing, kv, explain,
+lens, sae, sweep_table, examples), the template lays them out.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import math
@@ -26,20 +29,7 @@ REPORT_FILE = "report.html"
 
 POS_COLOR, NEG_COLOR = "#c0392b", "#2471a3"
 
-CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1100px;color:#222;
-line-height:1.45;padding:0 16px}
-h1{font-size:26px;margin-bottom:4px}h2{font-size:20px;border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:36px}
-h3{font-size:16px;margin-bottom:6px}
-.muted{color:#666;font-size:13px}.plot{margin:10px 0}.plot img{max-width:100%;border:1px solid #eee}
-table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;
-vertical-align:top}th{background:#f5f5f5}
-.missing{background:#fff8e1;border:1px solid #f0d48a;padding:8px 12px;border-radius:4px;font-size:14px}
-.explain{background:#eef6ee;border:1px solid #b9dcb9;padding:10px 14px;border-radius:4px}
-.grid{display:flex;flex-wrap:wrap;gap:18px}.grid>div{flex:1 1 320px}
-code{background:#f3f3f3;padding:1px 4px;border-radius:3px}.tok{font-family:Menlo,Consolas,monospace;white-space:pre}
-nav a{margin-right:12px;font-size:14px}
-"""
+TEMPLATE = "report.html.j2"  # with report.css, in harness/analysis/templates (package data)
 
 
 def _plt():
@@ -62,16 +52,12 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _img(b64: str, alt: str) -> str:
-    return f'<div class="plot"><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"></div>'
+def _img(b64: str, alt: str) -> dict:
+    return {"kind": "img", "b64": b64, "alt": alt}
 
 
-def _missing(what: str, how: str) -> str:
-    return f'<div class="missing"><b>{html.escape(what)}</b> not available: {html.escape(how)}</div>'
-
-
-def _e(x: Any) -> str:
-    return html.escape(str(x))
+def _missing(what: str, how: str) -> dict:
+    return {"kind": "missing", "what": what, "how": how}
 
 
 def _fmt(x: Any, nd: int = 2) -> str:
@@ -295,8 +281,8 @@ def plot_sweep(sweep: dict) -> str:
     return _png(fig)
 
 
-# -- HTML pieces ----------------------------------------------------------------------------------
-def _summary_html(run: dict, data: dict) -> str:
+# -- blocks for the template ------------------------------------------------------------------------
+def _summary_block(run: dict, data: dict) -> dict:
     s = run.get("summary", {})
     rows = [("trait", s.get("trait")), ("model", s.get("model")), ("profile", s.get("profile")),
             ("status", run.get("status")), ("generations", s.get("generations")),
@@ -317,59 +303,59 @@ def _summary_html(run: dict, data: dict) -> str:
     keep = ("n_per_question", "temperature", "max_new_tokens", "seed", "trait_threshold", "coherence_threshold",
             "judge", "judge_model", "judge_min_mass", "splits")
     rows.append(("settings", ", ".join(f"{k}={cfg.get(k)}" for k in keep if k in cfg)))
+    env = run.get("environment") or {}
+    if env:
+        rows.append(("environment", ", ".join(f"{k}={v}" for k, v in env.items() if v is not None)))
+    if (run.get("run") or {}).get("id"):
+        rows.append(("run id", run["run"]["id"]))
     t = run.get("timings") or {}
     rows.append(("timings (s)", ", ".join(f"{k}={v}" for k, v in t.items())))
     rows.append(("layer convention", run.get("layer_convention", "")))
-    return "<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows) + "</table>"
+    return {"kind": "kv", "rows": [(str(k), str(v)) for k, v in rows]}
 
 
-def _lens_html(lens: dict) -> str:
-    parts = [f'<p class="muted">Method {_e(lens.get("method"))}; tokens ranked by W_U v ("raw") and by W_U norm(v) '
-             "(the final norm applied to v alone).</p>"]
+def _lens_block(lens: dict) -> dict:
+    layers = []
     for L, res in sorted(lens.get("layers", {}).items(), key=lambda kv: int(kv[0])):
-        parts.append(f"<h3>Layer {int(L)}</h3><div class='grid'>")
+        modes = []
         for mode in ("raw", "final_norm"):
             r = res[mode]
             n = max(len(r["top"]), len(r["bottom"]))
-            body = "".join(
-                "<tr>" + "".join(
-                    (f"<td class='tok'>{_e(x['token'])}</td><td>{x['logit']:.3g}</td>" if x else "<td></td><td></td>")
-                    for x in (r["top"][i] if i < len(r["top"]) else None, r["bottom"][i] if i < len(r["bottom"]) else None))
-                + "</tr>" for i in range(n))
-            parts.append(f"<div><b>{'without' if mode == 'raw' else 'with'} final norm</b><table><tr><th>top token</th>"
-                         f"<th>logit</th><th>bottom token</th><th>logit</th></tr>{body}</table></div>")
-        parts.append("</div>")
-    return "".join(parts)
+
+            def cell(xs: list, i: int) -> dict | None:
+                return {"token": str(xs[i]["token"]), "logit": f"{xs[i]['logit']:.3g}"} if i < len(xs) else None
+
+            modes.append({"title": f"{'without' if mode == 'raw' else 'with'} final norm",
+                          "rows": [(cell(r["top"], i), cell(r["bottom"], i)) for i in range(n)]})
+        layers.append({"layer": int(L), "modes": modes})
+    return {"kind": "lens", "method": lens.get("method"), "layers": layers}
 
 
-def _sae_html(sae: dict) -> str:
-    top = sae.get("top", [])
-    bot = sae.get("bottom", [])
-    body = "".join(f"<tr><td>{t['latent']}</td><td>{t['cosine']:.3f}</td><td>{b['latent']}</td><td>{b['cosine']:.3f}</td></tr>"
-                   for t, b in zip(top, bot))
-    return (f"<p>SAE {_e(sae.get('sae_path'))} ({_e(sae.get('hook_name'))}, d_sae {_e(sae.get('d_sae'))}), vector layer "
-            f"{_e(sae.get('layer'))}.</p><table><tr><th>latent</th><th>cosine</th><th>latent (most negative)</th>"
-            f"<th>cosine</th></tr>{body}</table>")
+def _sae_block(sae: dict) -> dict:
+    def row(x: dict) -> dict:
+        return {"latent": x["latent"], "cosine": f"{x['cosine']:.3f}"}
+
+    return {"kind": "sae", "path": sae.get("sae_path"), "hook": sae.get("hook_name"), "d_sae": sae.get("d_sae"),
+            "architecture": sae.get("architecture", "standard"), "layer": sae.get("layer"),
+            "rows": [(row(t), row(b)) for t, b in zip(sae.get("top", []), sae.get("bottom", []))]}
 
 
-def _sweep_table(sweep: dict) -> str:
+def _sweep_block(sweep: dict) -> dict:
     coefs = sorted({c["coef"] for c in sweep["cells"]})
-    head = "<tr><th>layer</th>" + "".join(f"<th>coef {c:g}</th>" for c in coefs) + "</tr>"
-    body = ""
+    rows = []
     for L in sweep["layers"]:
         cells = {c["coef"]: c for c in sweep["cells"] if c["layer"] == L}
-        body += f"<tr><th>{L}</th>" + "".join(
-            f"<td>{_fmt(cells[c]['trait_mean'], 1)} / {_fmt(cells[c]['coherence_mean'], 1)}</td>" if c in cells
-            else "<td></td>" for c in coefs) + "</tr>"
+        rows.append({"layer": L, "cells": [f"{_fmt(cells[c]['trait_mean'], 1)} / {_fmt(cells[c]['coherence_mean'], 1)}"
+                                           if c in cells else "" for c in coefs]})
     t = sweep.get("timings", {})
-    return (f"<table>{head}{body}</table><p class='muted'>Cells: mean trait score / mean coherence. Judge "
-            f"{_e(sweep.get('judge'))} ({_e(sweep.get('judge_model'))}); generate {t.get('generate')} s, judge "
-            f"{t.get('judge')} s, total {t.get('total')} s for {sweep.get('rows_generated')} rows.</p>")
+    return {"kind": "sweep_table", "coefs": [f"{c:g}" for c in coefs], "rows": rows, "judge": sweep.get("judge"),
+            "judge_model": sweep.get("judge_model"), "generate": t.get("generate"), "judge_s": t.get("judge"),
+            "total": t.get("total"), "rows_generated": sweep.get("rows_generated")}
 
 
-def _examples_html(sweep_gens: list[dict], layer: int | None) -> str:
+def _examples_block(sweep_gens: list[dict], layer: int | None) -> dict | None:
     if not sweep_gens:
-        return ""
+        return None
     layers = sorted({g["layer"] for g in sweep_gens if g["layer"] is not None})
     if layer not in layers:
         layer = layers[0] if layers else None
@@ -377,10 +363,22 @@ def _examples_html(sweep_gens: list[dict], layer: int | None) -> str:
     rows = [g for g in sweep_gens if g["question_index"] == q0 and g["sample_index"] == 0
             and (g["layer"] is None or g["layer"] == layer)]
     rows.sort(key=lambda g: g["coef"])
-    body = "".join(f"<tr><td>{g['coef']:g}</td><td>{_e(g['response'])}</td><td>"
-                   f"{_e(', '.join(f'{k}={_fmt(v, 1)}' for k, v in g['scores'].items()))}</td></tr>" for g in rows)
-    return (f"<h3>Example answers at layer {layer}</h3><p><b>Q:</b> {_e(rows[0]['question'] if rows else '')}</p>"
-            f"<table><tr><th>coef</th><th>answer</th><th>scores</th></tr>{body}</table>")
+    return {"kind": "examples", "layer": layer, "question": rows[0]["question"] if rows else "",
+            "rows": [{"coef": f"{g['coef']:g}", "response": g["response"],
+                      "scores": ", ".join(f"{k}={_fmt(v, 1)}" for k, v in g["scores"].items())} for g in rows]}
+
+
+def _environment():
+    """The jinja2 environment of the report templates: autoescaped, undefined names are errors."""
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("harness.analysis", "templates"), autoescape=True,
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+
+
+def render_page(context: dict) -> str:
+    """Render the report template with ``context`` (trait, model, run_dir, harness_version, notes, sections)."""
+    return _environment().get_template(TEMPLATE).render(**context)
 
 
 # -- the page -------------------------------------------------------------------------------------
@@ -402,48 +400,44 @@ def build_report(run_dir: str | Path, *, lm: Any = None, compute: bool = True) -
     norms = {k: t.float().norm(dim=-1).tolist() for k, t in sorted(vs.tensors.items())} if vs else {}
     main_norms = norms.get("response_avg_diff") or (next(iter(norms.values())) if norms else None)
     rec = recommend_layer(main_norms, monitor, sweep, min_coherence=min_coh)
-    sec: list[tuple[str, str, str]] = []  # (anchor, title, html)
+    sec: list[dict] = []
 
-    sec.append(("summary", "Run summary", _summary_html(run, data)))
-    if main_norms:
-        lc = _img(plot_layer_choice(norms, monitor, rec, sweep), "norm by layer and layer choice")
-    else:
-        lc = _missing("Norm by layer", "the run has no vectors.safetensors (did extraction fail?)")
-    lc += f"<div class='explain'><b>Recommended layer: {_e(rec.get('layer'))}</b> (basis: {_e(rec.get('basis'))}). " \
-          f"{_e(rec.get('explanation'))}</div>"
-    sec.append(("layers", "Norm by layer and layer choice", lc))
+    def section(anchor: str, title: str, *blocks: dict | None) -> None:
+        sec.append({"anchor": anchor, "title": title, "blocks": [b for b in blocks if b is not None]})
+
+    section("summary", "Run summary", _summary_block(run, data))
+    lc = (_img(plot_layer_choice(norms, monitor, rec, sweep), "norm by layer and layer choice") if main_norms else
+          _missing("Norm by layer", "the run has no vectors.safetensors (did extraction fail?)"))
+    section("layers", "Norm by layer and layer choice", lc,
+            {"kind": "explain", "layer": rec.get("layer"), "basis": rec.get("basis"), "text": rec.get("explanation")})
     sc = plot_scores(data["gens"], data["judgments"], trait)
-    sec.append(("scores", "Score distributions, pos vs neg",
-                _img(sc, "score distributions") if sc else _missing("Scores", "no judgments.jsonl in the run")))
+    section("scores", "Score distributions, pos vs neg",
+            _img(sc, "score distributions") if sc else _missing("Scores", "no judgments.jsonl in the run"))
     if monitor is not None and data["projections"]:
         L = len(monitor["layers"]) - 1
         show = list(dict.fromkeys([x for x in (rec.get("layer"), rec.get("norm_peak"), max(1, L // 3),
                                                 max(1, (2 * L) // 3)) if x is not None]))[:4]
         pj = plot_projections(data["projections"], sorted(show), monitor.get("split", "eval"))
-        sec.append(("projections", "Projection histograms (monitoring)",
-                    _img(pj, "projection histograms") if pj else _missing("Projections", "no projections")))
-        sec.append(("auroc", "AUROC by layer", _img(plot_auroc(monitor), "AUROC by layer")))
+        section("projections", "Projection histograms (monitoring)",
+                _img(pj, "projection histograms") if pj else _missing("Projections", "no projections"))
+        section("auroc", "AUROC by layer", _img(plot_auroc(monitor), "AUROC by layer"))
     else:
         how = "run 'persona-harness monitor RUN_DIR' (or report without --no-compute)"
-        sec.append(("projections", "Projection histograms (monitoring)", _missing("Projection histograms", how)))
-        sec.append(("auroc", "AUROC by layer", _missing("AUROC by layer", how)))
+        section("projections", "Projection histograms (monitoring)", _missing("Projection histograms", how))
+        section("auroc", "AUROC by layer", _missing("AUROC by layer", how))
     if sweep:
-        sw = _img(plot_sweep(sweep), "steering curves") + _sweep_table(sweep) + _examples_html(data["sweep_gens"], rec.get("layer"))
+        section("steering", "Steering curves", _img(plot_sweep(sweep), "steering curves"), _sweep_block(sweep),
+                _examples_block(data["sweep_gens"], rec.get("layer")))
     else:
-        sw = _missing("Steering curves", "run 'persona-harness sweep RUN_DIR --layers 8,12,16 --coefs -4,-2,0,2,4'")
-    sec.append(("steering", "Steering curves", sw))
-    sec.append(("lens", "Logit lens", _lens_html(data["lens"]) if data["lens"] else
-                _missing("Logit-lens tables", "run 'persona-harness lens RUN_DIR' (or report without --no-compute)")))
+        section("steering", "Steering curves",
+                _missing("Steering curves", "run 'persona-harness sweep RUN_DIR --layers 8,12,16 --coefs -4,-2,0,2,4'"))
+    section("lens", "Logit lens", _lens_block(data["lens"]) if data["lens"] else
+            _missing("Logit-lens tables", "run 'persona-harness lens RUN_DIR' (or report without --no-compute)"))
     if data["sae"]:
-        sec.append(("sae", "SAE latents aligned with the vector", _sae_html(data["sae"])))
-    nav = "<nav>" + "".join(f"<a href='#{a}'>{_e(t)}</a>" for a, t, _ in sec) + "</nav>"
-    note_html = "".join(f"<div class='missing'>{_e(n)}</div>" for n in notes)
-    body = "".join(f"<h2 id='{a}'>{_e(t)}</h2>{h}" for a, t, h in sec)
-    model = (run.get("model") or {}).get("id", "")
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>persona-harness report: {_e(trait)} on "
-            f"{_e(model)}</title><style>{CSS}</style></head><body><h1>Persona vector report: {_e(trait)}</h1>"
-            f"<p class='muted'>Model {_e(model)} &middot; run directory {_e(run_dir)} &middot; "
-            f"harness {_e(run.get('harness_version', ''))}</p>{nav}{note_html}{body}</body></html>")
+        section("sae", "SAE latents aligned with the vector", _sae_block(data["sae"]))
+    return render_page({"trait": str(trait), "model": str((run.get("model") or {}).get("id", "")),
+                        "run_dir": str(run_dir), "harness_version": str(run.get("harness_version", "")),
+                        "notes": notes, "sections": sec})
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, lm: Any = None, compute: bool = True) -> Path:

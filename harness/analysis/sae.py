@@ -2,7 +2,9 @@
 
 A folder with ``cfg.json`` (``d_in``, ``d_sae``, ``hook_name`` at the top level or under
 ``metadata``; older files: ``hook_point``/``hook_layer``) and ``sae_weights.safetensors`` with
-``W_dec [d_sae, d_in]`` (``W_enc [d_in, d_sae]``, ``b_enc``, ``b_dec`` are loaded when present).
+``W_dec [d_sae, d_in]`` (``W_enc [d_in, d_sae]``, ``b_enc``, ``b_dec`` are loaded when present, and
+``threshold`` for the ``jumprelu`` architecture: ``cfg.json`` ``architecture``, absent = standard).
+Ranking latents by decoder cosine works for any architecture; ``encode`` knows standard and JumpReLU.
 
 Layer mapping (TransformerLens hook names): hidden_states index ``L`` is the output of block ``L-1``,
 which is ``blocks.{L-1}.hook_resid_post`` and also ``blocks.{L}.hook_resid_pre``. Other hook points
@@ -22,6 +24,8 @@ from harness.core.errors import HarnessError
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
+#: the SAELens architectures read here (``cfg.json`` ``architecture``; absent = standard)
+ARCHITECTURES = ("standard", "jumprelu")
 _HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
@@ -100,8 +104,40 @@ def load_sae(path: str | Path) -> SAE:
                                    "[d_sae, d_in]. Fix: save W_dec.T")
             raise HarnessError(f"{cfg_p}: field '{key}' = {cfg[key]} but W_dec has shape {tuple(W_dec.shape)} "
                                "([d_sae, d_in])")
+    # the decoder (what rank_latents reads) is the same for every architecture; encode needs to know it
+    arch = str(cfg.get("architecture") or meta.get("architecture") or "standard").lower()
+    extra: dict[str, Any] = {"architecture": arch}
+    if arch == "jumprelu":
+        if "threshold" not in w:
+            raise HarnessError(f"{w_p}: a JumpReLU SAE needs the tensor 'threshold' (has {', '.join(sorted(w))})")
+        extra["threshold"] = w["threshold"].float()
     return SAE(path=str(path), cfg=cfg, W_dec=W_dec, W_enc=w.get("W_enc"), b_enc=w.get("b_enc"),
-               b_dec=w.get("b_dec"), hook_name=hook)
+               b_dec=w.get("b_dec"), hook_name=hook, extra=extra)
+
+
+def encode(sae: SAE, x: Any) -> Any:
+    """The SAE's latent activations of ``x`` (``[..., d_in]``), as SAELens computes them for the
+    ``standard`` (ReLU) and ``jumprelu`` (pre-activation kept where it exceeds ``threshold``)
+    architectures: ``pre = (x - b_dec) @ W_enc + b_enc`` (``b_dec`` subtracted when the config's
+    ``apply_b_dec_to_input``, the default, says so)."""
+    import torch
+
+    arch = sae.extra.get("architecture", "standard")
+    if arch not in ARCHITECTURES:
+        raise HarnessError(f"SAE {sae.path}: encoding the {arch!r} architecture is not supported here (only "
+                           f"{', '.join(ARCHITECTURES)}); its decoder directions can still be ranked")
+    if sae.W_enc is None or sae.b_enc is None:
+        raise HarnessError(f"SAE {sae.path}: no W_enc/b_enc in {WEIGHTS_FILE}; only the decoder is there")
+    norm = str(sae.cfg.get("normalize_activations") or "none")
+    if norm != "none":
+        raise HarnessError(f"SAE {sae.path}: normalize_activations={norm!r} is not supported here (only 'none')")
+    x = torch.as_tensor(x).float()
+    if sae.b_dec is not None and sae.cfg.get("apply_b_dec_to_input", True):
+        x = x - sae.b_dec.float()
+    pre = x @ sae.W_enc.float() + sae.b_enc.float()
+    if arch == "jumprelu":
+        return pre * (pre > sae.extra["threshold"]).to(pre.dtype)
+    return torch.relu(pre)
 
 
 def rank_latents(sae: SAE, v: Any, *, k: int = 20) -> dict:
@@ -119,9 +155,16 @@ def rank_latents(sae: SAE, v: Any, *, k: int = 20) -> dict:
     k = min(k, sae.d_sae)
     top = torch.topk(cos, k)
     bot = torch.topk(-cos, k)
-    return {"top": [{"latent": int(i), "cosine": round(float(c), 6)} for c, i in zip(top.values, top.indices)],
-            "bottom": [{"latent": int(i), "cosine": round(-float(c), 6)} for c, i in zip(bot.values, bot.indices)],
-            "d_sae": sae.d_sae, "hook_name": sae.hook_name}
+    out = {"top": [{"latent": int(i), "cosine": round(float(c), 6)} for c, i in zip(top.values, top.indices)],
+           "bottom": [{"latent": int(i), "cosine": round(-float(c), 6)} for c, i in zip(bot.values, bot.indices)],
+           "d_sae": sae.d_sae, "hook_name": sae.hook_name, "architecture": sae.extra.get("architecture", "standard")}
+    if sae.W_enc is not None and sae.b_enc is not None and out["architecture"] in ARCHITECTURES:
+        acts = encode(sae, v)  # the latents the vector itself switches on, as the SAE's encoder sees it
+        n = int((acts > 0).sum())
+        act = torch.topk(acts, min(k, n)) if n else None
+        out["encoded"] = {"active": n, "top": [] if act is None else
+                          [{"latent": int(i), "activation": round(float(a), 6)} for a, i in zip(act.values, act.indices)]}
+    return out
 
 
 def read_vector(sae: SAE, vectors: Any, layer: int | None = None, *, k: int = 20,

@@ -213,6 +213,7 @@ def run_sweep(run_dir: str | Path, settings=None, *, pm=None, layers: Sequence[i
     from harness.core.artifacts import (atomic_write_json, atomic_write_text, load_vectors, old_count, refuse_fewer,
                                         write_jsonl)
     from harness.core.cache import Cache
+    from harness.core.config import validate_settings
     from harness.core.locks import hold_run_dir
     from harness.core.pipeline import RunContext, run_judge
     from harness.core.plugins import build_registry, get_plugin_manager
@@ -236,6 +237,7 @@ def run_sweep(run_dir: str | Path, settings=None, *, pm=None, layers: Sequence[i
         hold_run_dir(run_dir)
     t_start = time.perf_counter()
     s = settings or settings_for_run(run_dir)
+    validate_settings(s)
     if max_new_tokens:
         s = s.replace(max_new_tokens=int(max_new_tokens))
     pm = pm or get_plugin_manager(modules=s.plugins)

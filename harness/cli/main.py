@@ -265,6 +265,7 @@ def import_plugin_modules(mods: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from harness.core.plugins import get_plugin_manager
+    from harness.core.locks import run_lock_scope
     from harness.core.redact import install_log_redaction, redact
 
     install_log_redaction()  # every log line passes through redact() (the judge API key, credential headers)
@@ -280,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
-        return int(args.func(args) or 0)
+        return int(run_lock_scope(args.func)(args) or 0)  # run folders the command locked are released after it
     except HarnessError as e:
         print(f"error: {redact(e)}", file=sys.stderr)
         return 1

@@ -20,10 +20,16 @@ from harness.core.errors import HarnessError
 
 
 def _floats(s: str) -> list[float]:
+    import math
+
     try:
-        return [float(x) for x in s.replace(" ", "").split(",") if x]
+        out = [float(x) for x in s.replace(" ", "").split(",") if x]
     except ValueError:
         raise HarnessError(f"{s!r} is not a comma-separated list of numbers") from None
+    if not out or not all(math.isfinite(x) for x in out):
+        raise HarnessError(f"{s!r}: {'no numbers' if not out else 'a coefficient is not finite'}. Fix: give finite "
+                           "numbers, e.g. --coefs=-2,0,2")
+    return out
 
 
 def _ints(s: str) -> list[int]:
@@ -343,11 +349,16 @@ def cmd_sae(args) -> int:
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
-    print(f"SAE {sae.path}: {sae.hook_name} (hidden_states index {sae.layer}), d_sae {sae.d_sae}; vector layer {res['layer']}")
+    print(f"SAE {sae.path} ({res.get('architecture', 'standard')}): {sae.hook_name} (hidden_states index {sae.layer}), "
+          f"d_sae {sae.d_sae}; vector layer {res['layer']}")
     print("latent   cosine")
     for x in res["top"]:
         print(f"{x['latent']:>6}  {x['cosine']:+.4f}")
     print("most negative: " + ", ".join(f"{x['latent']} ({x['cosine']:+.3f})" for x in res["bottom"][:5]))
+    if "encoded" in res:
+        enc = res["encoded"]
+        print(f"encoded: {enc['active']} latents active" + (": " + ", ".join(
+            f"{x['latent']} ({x['activation']:.3f})" for x in enc["top"][:5]) if enc["top"] else ""))
     return 0
 
 

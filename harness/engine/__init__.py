@@ -27,11 +27,24 @@ from harness.engine.engine import Engine, out_of_memory_error
 from harness.engine.kernels import fused_impl, gumbel_argmax_cuda, sample_step
 from harness.engine.kv_cache import StaticKVCache
 from harness.engine.support import (
-    ARCHS, SUPPORTED_MODEL_TYPES, base_model, fast_extraction_supported, fast_generation_supported,
+    ARCHS,
+    SUPPORTED_MODEL_TYPES,
+    base_model,
+    fast_extraction_supported,
+    fast_generation_supported,
 )
 
 __all__ = [
-    "ARCHS", "Engine", "GenOutput", "SUPPORTED_MODEL_TYPES", "StaticKVCache", "base_model",
-    "fast_extraction_supported", "fast_generation_supported", "fused_impl", "gumbel_argmax_cuda",
-    "out_of_memory_error", "sample_step",
+    "ARCHS",
+    "SUPPORTED_MODEL_TYPES",
+    "Engine",
+    "GenOutput",
+    "StaticKVCache",
+    "base_model",
+    "fast_extraction_supported",
+    "fast_generation_supported",
+    "fused_impl",
+    "gumbel_argmax_cuda",
+    "out_of_memory_error",
+    "sample_step",
 ]

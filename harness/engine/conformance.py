@@ -88,8 +88,11 @@ def word_tokenizer(vocab: int = VOCAB):
 
 
 def tiny_model(model_type: str, *, dtype: str = "float32", device: str = "cpu", seed: int = 0,
-               overrides: dict | None = None):
-    """A ``LoadedModel`` of ``model_type`` from ``CONFIGS`` (random weights, seeded)."""
+               overrides: dict | None = None, attn_implementation: str = "eager"):
+    """A ``LoadedModel`` of ``model_type`` from ``CONFIGS`` (random weights, seeded).
+
+    HF's side runs its eager attention by default: the reference implementation of every architecture
+    (transformers 5.17's default SDPA path for Gemma 2, for one, drops the attention soft-capping)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -98,7 +101,7 @@ def tiny_model(model_type: str, *, dtype: str = "float32", device: str = "cpu", 
     cfg = AutoConfig.for_model(model_type, **{**BASE, **CONFIGS.get(model_type, {}), **(overrides or {})})
     torch.manual_seed(seed)
     dt = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dt).to(device).eval()
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dt, attn_implementation=attn_implementation).to(device).eval()
     return LoadedModel(model=model, tokenizer=word_tokenizer(cfg.vocab_size), model_id=f"tiny-{model_type}",
                        device=torch.device(device), dtype=dt, info={"class": type(model).__name__})
 
@@ -164,6 +167,25 @@ def _token_stats(ref: list[list[int]], got: list[list[int]]) -> dict[str, Any]:
     return {"equal": ref == got, "match": same / max(total, 1), "first_diff": first}
 
 
+def divergence(lm, prompts, ref, got, first) -> list[dict[str, Any]]:
+    """Where greedy tokens part: HF's own full-forward logits there (one unpadded row, teacher-forced on
+    HF generate's tokens): ``gap`` = logit of HF's token - logit of the engine's (negative: HF generate
+    picked a token its own forward ranks lower), ``top_gap`` = top-1 - top-2, ``std`` of the logits."""
+    import torch
+
+    out = []
+    for row, k in enumerate(first):
+        if k is None:
+            continue
+        ids = torch.tensor([list(prompts[row]) + ref[row][:k]], device=lm.device)
+        with torch.inference_mode():
+            lg = lm.model(ids).logits[0, -1].float()
+        top = lg.topk(2).values
+        out.append({"row": row, "pos": k, "gap": float(lg[ref[row][k]] - lg[got[row][k]]),
+                    "top_gap": float(top[0] - top[1]), "std": float(lg.std())})
+    return out
+
+
 def compare(lm, engine=None, *, seed: int = 0, max_new: int = MAX_NEW, token_budget: int | None = 24,
             **engine_kw) -> dict[str, Any]:
     """The three equalities on one model: {"greedy": ..., "sampled": ..., "extract": ...}.
@@ -178,7 +200,10 @@ def compare(lm, engine=None, *, seed: int = 0, max_new: int = MAX_NEW, token_bud
     prompts, examples = workload(seed)
     out: dict[str, Any] = {}
     ref = hf_tokens(lm, prompts, max_new)
-    out["greedy"] = {**_token_stats(ref, engine_tokens(lm, prompts, max_new, engine=eng)), "distinct": len({t for r in ref for t in r})}
+    got = engine_tokens(lm, prompts, max_new, engine=eng)
+    out["greedy"] = {**_token_stats(ref, got), "distinct": len({t for r in ref for t in r})}
+    if not out["greedy"]["equal"]:
+        out["greedy"]["divergence"] = divergence(lm, prompts, ref, got, out["greedy"]["first_diff"])
     ref = hf_tokens(lm, prompts, max_new, temperature=1.0)
     out["sampled"] = _token_stats(ref, engine_tokens(lm, prompts, max_new, temperature=1.0, engine=eng))
     r = reference_sums(lm, examples)
@@ -197,7 +222,10 @@ def compare(lm, engine=None, *, seed: int = 0, max_new: int = MAX_NEW, token_bud
 
 def check_architecture(model_type: str, *, dtype: str = "float32", device: str = "cpu", **engine_kw) -> dict[str, Any]:
     """``compare`` on the tiny model of ``model_type``, with the engine's own support verdict."""
-    from harness.engine.support import fast_extraction_supported, fast_generation_supported
+    from harness.engine.support import (
+        fast_extraction_supported,
+        fast_generation_supported,
+    )
 
     lm = tiny_model(model_type, dtype=dtype, device=device)
     res = compare(lm, **engine_kw)

@@ -166,7 +166,7 @@ class Fused:
             return eager(*args)
         try:
             return f(*args)
-        except Exception as e:  # noqa: BLE001 - any compile/runtime failure: eager from now on
+        except Exception as e:
             self.errors[key] = repr(e)[:400]
             return eager(*args)
 

@@ -31,32 +31,34 @@ class Arch:
     final_softcap: str | None = None
 
 
-ARCHS: dict[str, Arch] = {
+ARCHS: dict[str, Arch] = {  # the table of docs/engine.md (tests/test_engine_architectures.py compares them)
     "llama": Arch("attention and MLP biases, untied embeddings, llama3 rope scaling"),
-    "mistral": Arch("sliding window shorter than the sequence, untied embeddings, linear rope scaling"),
+    "mistral": Arch("sliding window, untied embeddings, linear rope scaling, head_dim != hidden/heads"),
     "qwen2": Arch("q/k/v biases, tied embeddings, sliding window on the upper layers, yarn rope scaling"),
-    "qwen3": Arch("q/k norms, head_dim != hidden/heads, untied embeddings, dynamic rope scaling"),
+    "qwen3": Arch("q/k norms, head_dim != hidden/heads, attention biases, untied embeddings"),
     "olmo2": Arch("full-width q/k norms, post-norms, untied embeddings"),
+    "olmo3": Arch("sliding windows on some layers, full-width q/k norms, post-norms"),
     "granite": Arch("embedding, residual, attention and logits multipliers; tied embeddings",
-                    embedding_multiplier="embedding_multiplier", logits_divisor="logits_scaling"),
-    "gemma": Arch("scaled embeddings, (1 + w) RMSNorm, GELU-tanh MLP, head_dim != hidden/heads"),
-    "gemma2": Arch("attention and final logit soft-capping, alternating sliding windows, query_pre_attn_scalar, "
-                   "pre/post feed-forward norms", final_softcap="final_logit_softcapping"),
-    "gemma3_text": Arch("per-layer-type rotary tables (local base), sliding windows, q/k norms, final logit "
-                        "soft-capping, linear rope scaling on full layers", final_softcap="final_logit_softcapping"),
-    "phi3": Arch("partial rotary, fused qkv / gate-up projections, sliding window, longrope scaling"),
+         embedding_multiplier="embedding_multiplier", logits_divisor="logits_scaling"),
+    "granitemoe": Arch("the same multipliers, experts",
+         embedding_multiplier="embedding_multiplier", logits_divisor="logits_scaling"),
+    "gemma": Arch("scaled embeddings, (1 + w) RMSNorm, GELU-tanh MLP"),
+    "gemma2": Arch("attention and final logit soft-capping, alternating sliding windows, query_pre_attn_scalar",
+         final_softcap="final_logit_softcapping"),
+    "gemma3_text": Arch("rotary table per layer type, sliding windows, q/k norms, final soft-capping, "
+         "linear rope on full layers",
+         final_softcap="final_logit_softcapping"),
+    "phi3": Arch("partial rotary, fused qkv / gate-up projections, sliding window"),
     "stablelm": Arch("partial rotary, q/k layer norms, qkv biases, parallel residual, LayerNorm"),
-    "cohere": Arch("logit scale, parallel block, q/k norms, interleaved rotary", logits_multiplier="logit_scale"),
+    "cohere": Arch("logit scale, parallel block, q/k norms, interleaved rotary",
+         logits_multiplier="logit_scale"),
     "olmo": Arch("qkv clipping, non-parametric LayerNorm"),
     "smollm3": Arch("no-rope layers, untied embeddings"),
     "starcoder2": Arch("LayerNorm with biases, non-gated GELU MLP, sliding window"),
     "glm": Arch("partial interleaved rotary, fused gate-up projection, attention biases"),
-    "olmo3": Arch("sliding windows on some layers, full-width q/k norms, post-norms"),
-    "mixtral": Arch("top-2 of 4 experts, sliding window, untied embeddings"),
+    "mixtral": Arch("top-2 of 4 experts, sliding window"),
     "qwen2_moe": Arch("experts with a gated shared expert, a dense layer, q/k/v biases"),
-    "qwen3_moe": Arch("experts with normalised top-k, a dense layer, q/k norms, head_dim != hidden/heads"),
-    "granitemoe": Arch("experts; embedding, residual, attention and logits multipliers",
-                       embedding_multiplier="embedding_multiplier", logits_divisor="logits_scaling"),
+    "qwen3_moe": Arch("experts with normalised top-k, a dense layer, q/k norms"),
     "olmoe": Arch("experts with normalised top-k, qkv clipping, q/k norms"),
 }
 SUPPORTED_MODEL_TYPES = frozenset(ARCHS)
