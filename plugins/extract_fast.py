@@ -7,7 +7,10 @@ Under torch.distributed each rank extracts its shard of the examples and the sum
 are all-reduced, so every rank holds the single-process vectors. Architectures the engine is not
 tested on (``harness.engine.SUPPORTED_MODEL_TYPES``) and models that ``device_map`` placed on several
 devices (the engine's hooks would sum each layer on its own device) fall back to the ``mean-diff``
-extractor, with a one-line notice naming the reason.
+extractor, with a one-line notice naming the reason (and ``choice`` says so, which run.json records).
+
+``auto`` (the default extractor) is ``fast`` on a CUDA device, else ``mean-diff``
+(``harness.engine.auto_component``); its product is that component, with ``choice`` saying why.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ class FastExtractor(BaseExtractor):
     name = "fast"
     distributed = True  # shards examples itself and all-reduces
 
+    def __init__(self, settings: Any):
+        super().__init__(settings)
+        self.choice: dict | None = None  # set by ``auto``, or when the loaded model falls back to mean-diff
+
     def extract(self, trait, pos: Sequence[Generation], neg: Sequence[Generation], ctx) -> VectorSet:
         require_pairs(trait, pos, neg)
         lm = ctx.model()
@@ -50,6 +57,7 @@ class FastExtractor(BaseExtractor):
             from harness.core import distributed as hd
 
             warnings.warn(f"extractor 'fast': {why}; using the 'mean-diff' extractor", stacklevel=2)
+            self.choice = {"setting": (self.choice or {}).get("setting", "fast"), "chosen": "mean-diff", "reason": why}
             vs = hd.on_main(lambda: MeanDiffExtractor(self.settings).extract(trait, pos, neg, ctx))
             vs.extractor = self.name
             vs.metadata["fallback"] = "mean-diff"
@@ -59,6 +67,17 @@ class FastExtractor(BaseExtractor):
         return mean_diff_vectors(trait, lm, psum, npos, nsum, nneg, self.name)
 
 
+def auto_extractor(settings: Any):
+    """``fast`` on a CUDA device, else ``mean-diff``; the product's ``choice`` says which and why."""
+    from harness.engine import auto_component
+
+    name, why = auto_component("extractor", getattr(settings, "device", "auto"), getattr(settings, "device_map", ""))
+    ex = FastExtractor(settings) if name == "fast" else MeanDiffExtractor(settings)
+    ex.choice = {"setting": "auto", "chosen": name, "reason": why}
+    return ex
+
+
 @hookimpl
 def harness_register_extractors(register):
+    register("auto", auto_extractor, description="fast on a CUDA device, else mean-diff (run.json says which and why)")
     register("fast", FastExtractor, description="hooked batched forward, fp32 sums, no lm_head; torchrun-aware")

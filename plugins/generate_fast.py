@@ -4,7 +4,11 @@ Same records and seeds as the ``hf`` generator: ``Generation`` fields, ``row_see
 the same Gumbel-max noise, so at temperature 0 the tokens equal HF greedy ``generate``. On CPU
 the engine runs the same loop eagerly. Architectures the engine is not tested on
 (``harness.engine.SUPPORTED_MODEL_TYPES``) and models that ``device_map`` placed on several devices
-fall back to the ``hf`` generator, with a one-line notice naming the reason.
+fall back to the ``hf`` generator, with a one-line notice naming the reason (and ``choice`` says so,
+which run.json records).
+
+``auto`` (the default generator) is ``fast`` on a CUDA device, else ``hf``
+(``harness.engine.auto_component``); its product is that component, with ``choice`` saying why.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class FastGenerator(BaseGenerator):
 
     def __init__(self, settings: Any):
         super().__init__(settings)
+        self.choice: dict | None = None  # set by ``auto``, or when the loaded model falls back to hf
         self.ignore_eos = bool((getattr(settings, "plugin_config", {}) or {}).get("fast", {}).get("ignore_eos", False))
 
     def batch_size(self, ctx) -> int:
@@ -40,6 +45,7 @@ class FastGenerator(BaseGenerator):
             from harness_plugins.generate_hf import HFGenerator
 
             warnings.warn(f"generator 'fast': {why}; using the 'hf' generator", stacklevel=2)
+            self.choice = {"setting": (self.choice or {}).get("setting", "fast"), "chosen": "hf", "reason": why}
 
             gens = HFGenerator(self.settings).generate(requests, ctx)
             return [Generation.from_dict({**g.to_dict(), "generator": self.name}) for g in gens]
@@ -72,7 +78,19 @@ class FastGenerator(BaseGenerator):
         return result
 
 
+def auto_generator(settings: Any):
+    """``fast`` on a CUDA device, else ``hf``; the product's ``choice`` says which and why."""
+    from harness.engine import auto_component
+    from harness_plugins.generate_hf import HFGenerator
+
+    name, why = auto_component("generator", getattr(settings, "device", "auto"), getattr(settings, "device_map", ""))
+    gen = FastGenerator(settings) if name == "fast" else HFGenerator(settings)
+    gen.choice = {"setting": "auto", "chosen": name, "reason": why}
+    return gen
+
+
 @hookimpl
 def harness_register_generators(register):
+    register("auto", auto_generator, description="fast on a CUDA device, else hf (run.json says which and why)")
     register("fast", FastGenerator,
              description="static KV cache + CUDA graphs (GPU), on-device seeded sampling; greedy equals HF generate")

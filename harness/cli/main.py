@@ -94,6 +94,8 @@ def print_summary(summary: dict, run_dir, *, json_out: bool = False) -> None:
     print(f"\n== {summary['trait']} on {summary['model']} (profile: {summary.get('profile')}) ==")
     if summary.get("profile_set"):
         print("profile set     " + ", ".join(f"{k}={v}" for k, v in summary["profile_set"].items()))
+    for kind, c in ((summary.get("components") or {}).get("choices") or {}).items():
+        print(f"{kind:16s}{c['chosen']} ({c['setting']}: {c['reason']})")
     print(f"generations: {summary.get('generations')}  (empty responses: {summary.get('empty_responses', 0)})")
     if "trait_pos_mean" in summary:
         print(f"trait score     pos {f(summary['trait_pos_mean'])}  neg {f(summary['trait_neg_mean'])}  "

@@ -58,10 +58,10 @@ class Settings:
     model: str = setting(DEFAULT_MODEL, "HF model id or local path; 'smollm2' (default; also 'smollm2-135m') is the "
                                         "embedded model")
     revision: str = setting("", "hub revision of --model: branch, tag or commit (default: the hub's main)")
-    generator: str = setting("hf", "generator plugin name (default hf)")
+    generator: str = setting("auto", "generator plugin name (default auto: fast on CUDA, else hf)")
     judge: str = setting("local", "judge plugin name (default local)")
     filter: str = setting("effective-pairs", "filter plugin name (default effective-pairs)")
-    extractor: str = setting("mean-diff", "extractor plugin name (default mean-diff)")
+    extractor: str = setting("auto", "extractor plugin name (default auto: fast on CUDA, else mean-diff)")
     profile: str = setting("auto", "settings profile: auto (the model's own, else default), default, paper, embedded "
                                    "('persona-harness profiles' lists them)")
     layer: int = setting(0, "layer (hidden_states index) that steer, sweep and monitor use by default; 0 = the "

@@ -343,9 +343,9 @@ def run_trait(trait: str | TraitSpec, settings: Settings | None = None, *, pm=No
 
     if "generate" in stages:
         generator = reg["generator"].create(s.generator, s)
-        components["generator"] = s.generator
         requests = build_requests(spec, s, splits)
         gens = timed("generate", lambda: _dist.generate_sharded(ctx, requests, generator, run_generate))
+        note_component(components, "generator", generator)
         write_jsonl(run_dir / "generations.jsonl", [g.to_dict() for g in gens])
         _journal_close(ctx, "generate")
         pm.hook.harness_stage_finished(run=ctx, stage="generate", records=gens)
@@ -377,12 +377,13 @@ def run_trait(trait: str | TraitSpec, settings: Settings | None = None, *, pm=No
                 "vectors.previous.safetensors). Fix: lower --trait-threshold/"
                 "--coherence-threshold, use a stronger judge, or generate more samples (--n-per-question)")
         extractor = reg["extractor"].create(s.extractor, s)
-        components["extractor"] = s.extractor
+        note_component(components, "extractor", extractor)
         byid = {g.id: g for g in gens}
         pos = [byid[i] for i in selection.pos_ids]
         neg = [byid[i] for i in selection.neg_ids]
         try:
             vectors = timed("extract", lambda: _dist.extract(extractor, spec, pos, neg, ctx))
+            note_component(components, "extractor", extractor)
         except NonFiniteActivationError as e:
             summary = _summary(spec, s, gens, judgments, selection, None, run_dir)
             _write_run_json(run_dir, s, pm, spec, components, ctx, summary, t_start, status="failed: non-finite activations")
@@ -421,7 +422,17 @@ def _summary(spec, s, gens, judgments, selection, vectors, run_dir) -> dict:
     return summary
 
 
+def note_component(components: dict, kind: str, obj) -> None:
+    """Record the component that ran (its name), and under ``choices`` why, when ``auto`` picked it or
+    it fell back (the component's ``choice``: setting, chosen, reason)."""
+    choice = getattr(obj, "choice", None)
+    components[kind] = choice["chosen"] if choice else obj.name
+    if choice:
+        components.setdefault("choices", {})[kind] = dict(choice)
+
+
 def _write_run_json(run_dir, s, pm, spec, components, ctx, summary, t_start, status="ok") -> None:
+    summary.setdefault("components", components)
     cache = ctx.cache
     # a run folder of the history: allocated by run_folder, or named again with --out (a rerun into it)
     history = is_run_id(Path(run_dir).name) and (not s.out_dir or (Path(run_dir).parent / LATEST).is_file())

@@ -8,7 +8,7 @@ symlink, so it works on every file system and survives copying and archiving).
 Every command that takes a run directory accepts, through ``resolve_run_dir``: the run folder
 itself, the trait folder (``runs/smollm2/sycophantic``: its latest run), or the ``latest`` file.
 A folder with a ``run.json`` of its own (``--out DIR``, which writes exactly ``DIR``, or a run made
-before run history existed) is a run directory as it is.
+before run history existed) is a run directory as it is, unless it also holds a ``latest`` file.
 """
 
 from __future__ import annotations
@@ -83,9 +83,7 @@ def resolve_run_dir(path: str | Path) -> Path:
     p = Path(path)
     if p.name == LATEST and p.is_file():
         return read_latest(p.parent) or p
-    if (p / RUN_FILE).is_file():
-        return p
-    if (p / LATEST).is_file():
+    if (p / LATEST).is_file():  # a trait folder (its latest run wins over a run.json of an older layout there)
         return read_latest(p) or p
     return p
 

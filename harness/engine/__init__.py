@@ -28,7 +28,9 @@ from harness.engine.kernels import fused_impl, gumbel_argmax_cuda, sample_step
 from harness.engine.kv_cache import StaticKVCache
 from harness.engine.support import (
     ARCHS,
+    AUTO_FALLBACK,
     SUPPORTED_MODEL_TYPES,
+    auto_component,
     base_model,
     fast_extraction_supported,
     fast_generation_supported,
@@ -36,10 +38,12 @@ from harness.engine.support import (
 
 __all__ = [
     "ARCHS",
+    "AUTO_FALLBACK",
     "SUPPORTED_MODEL_TYPES",
     "Engine",
     "GenOutput",
     "StaticKVCache",
+    "auto_component",
     "base_model",
     "fast_extraction_supported",
     "fast_generation_supported",

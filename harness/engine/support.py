@@ -150,3 +150,29 @@ def fast_extraction_supported(model) -> tuple[bool, str]:
     if ok and not hasattr(base_model(model), "norm"):
         return False, "no final norm at model.model.norm to read the last hidden state from"
     return ok, why
+
+
+#: what ``auto`` runs where the engine does not: the reference component of each kind
+AUTO_FALLBACK = {"generator": "hf", "extractor": "mean-diff"}
+
+
+def auto_component(kind: str, device: str = "auto", device_map: str = "", *,
+                   cuda_available: bool | None = None) -> tuple[str, str]:
+    """What the ``auto`` generator / extractor runs, and why: ``fast`` on a CUDA device, else the
+    reference component (``hf`` / ``mean-diff``). Decided from the settings before the model loads; the
+    fast component checks the loaded model's architecture itself (``fast_generation_supported`` /
+    ``fast_extraction_supported``) and falls back, recording why. ``cuda_available`` defaults to
+    ``torch.cuda.is_available()`` when ``device`` is ``auto``."""
+    ref = AUTO_FALLBACK[kind]
+    device = str(device or "auto")
+    if device_map:
+        return ref, f"device_map {device_map!r} may place the model on several devices (the engine runs on one)"
+    if device == "auto":
+        if cuda_available is None:
+            import torch
+
+            cuda_available = bool(torch.cuda.is_available())
+        device = "cuda" if cuda_available else "cpu"
+    if device.startswith("cuda"):
+        return "fast", f"device {device}: the engine runs the model there (its architecture is checked when it loads)"
+    return ref, f"device {device}: the engine's speed-up needs CUDA"
