@@ -7,7 +7,13 @@ probability is that of its *full token sequence* followed by a non-digit token:
 
 so it works for tokenizers that split numbers into digits (Qwen, Llama, SmolLM2). All 101
 numbers share one prompt forward (KV cache) plus one forward of a token trie of the numbers
-(one token per number for digit tokenizers) under a tree attention mask.
+(one token per number for digit tokenizers) under a tree attention mask, for every row of a batch at once.
+
+Cost: the pipeline hands the judge batches of one rubric sorted by length (little padding). The
+rubric's shared prefix (chat header and the rubric text before the question) is run once per judge and
+rubric and its KV cache reused by every later batch (``PrefixCache``), not once per batch. When the
+judge model is the generation model (``judge_model`` empty or the same id), ``ctx.model`` hands both
+stages the same loaded copy.
 
 Unscored (``score=None``) when the judge puts more probability on the first token of
 "REFUSAL" than on all numbers together (reason ``refusal``), or when the numbers' total
@@ -79,8 +85,57 @@ def _lcp(seqs: list[list[int]]) -> int:
     return n
 
 
+class PrefixCache:
+    """KV caches (batch 1) of prompt prefixes already run, reused by later batches that share them.
+
+    A batch whose common prefix is (all but fewer than ``MIN`` ids of) a stored prefix's start reuses
+    that prefix's KV, cropped to the shared length (a causal model's KV of the first ``c`` positions
+    does not depend on what follows); otherwise the batch's own common prefix is run and stored. At most ``size``
+    prefixes are kept (one per rubric in practice), the oldest dropped first."""
+
+    MIN = 8
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.entries: list[tuple[Any, list[int], Any]] = []  # (weak ref to the model, ids, KV cache)
+        self.runs = 0  # prefix forwards run (for tests and benchmarks)
+
+    def get(self, model, prompts: list[list[int]], device) -> tuple[int, Any]:
+        """(shared length, a fresh cache of that prefix repeated for every row), or (0, None)."""
+        import copy
+        import weakref
+
+        import torch
+
+        B = len(prompts)
+        limit = min(len(p) for p in prompts) - 1  # every row keeps at least one id of its own
+        lcp = min(_lcp(prompts), limit)
+        best, cache = 0, None
+        for ref, ids, c in self.entries:
+            if ref() is not model:
+                continue
+            n = min(_lcp([ids, prompts[0][:lcp]]), lcp)
+            if n >= self.MIN and n > best:
+                best, cache = n, c
+        if cache is None or lcp - best >= self.MIN:  # none shared, or this batch shares a longer prefix
+            if lcp < self.MIN:
+                return 0, None
+            pre = torch.tensor([prompts[0][:lcp]], device=device)
+            cache = output_cache(model(input_ids=pre, use_cache=True, logits_to_keep=1))
+            self.runs += 1
+            self.entries = [*self.entries[max(0, len(self.entries) + 1 - self.size):],
+                            (weakref.ref(model), list(prompts[0][:lcp]), cache)]
+            best = lcp
+        cache = copy.deepcopy(cache)
+        if cache.get_seq_length() > best:
+            cache.crop(best - cache.get_seq_length())  # a negative count: that many positions dropped
+        cache.batch_repeat_interleave(B)
+        return best, cache
+
+
 def number_distribution(model, tok, trie: NumberTrie, prompts: list[list[int]], device,
-                        share_prefix: bool = True, exact: bool = True) -> tuple[Any, Any]:
+                        share_prefix: bool = True, exact: bool = True,
+                        prefixes: PrefixCache | None = None) -> tuple[Any, Any]:
     """Return (P(n) for n in LO..HI as [B, 101], P(first REFUSAL token) [B]).
 
     ``exact=False`` skips the forward of trie leaves (for digit tokenizers: the 2-digit numbers
@@ -88,21 +143,25 @@ def number_distribution(model, tok, trie: NumberTrie, prompts: list[list[int]], 
     number that cannot be extended within 0..100; 12 tree tokens instead of 101.
 
     The longest common prefix of the batch's prompts (chat header + rubric preamble) is run
-    once and its KV cache shared by every row; the rest runs left-padded.
+    once and its KV cache shared by every row; the rest runs left-padded. With ``prefixes`` the
+    prefix's KV comes from (and goes to) that ``PrefixCache``, shared with other batches.
     """
     import torch
 
     B = len(prompts)
     ckw = cache_kwarg(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    lp = min(_lcp(prompts), min(len(p) for p in prompts) - 1) if share_prefix and B > 1 else 0
     cache = None
-    if lp >= 8:
-        pre = torch.tensor([prompts[0][:lp]], device=device)
-        cache = output_cache(model(input_ids=pre, use_cache=True, logits_to_keep=1))
-        cache.batch_repeat_interleave(B)
+    if prefixes is not None and share_prefix:
+        lp, cache = prefixes.get(model, prompts, device)
     else:
-        lp = 0
+        lp = min(_lcp(prompts), min(len(p) for p in prompts) - 1) if share_prefix and B > 1 else 0
+        if lp >= 8:
+            pre = torch.tensor([prompts[0][:lp]], device=device)
+            cache = output_cache(model(input_ids=pre, use_cache=True, logits_to_keep=1))
+            cache.batch_repeat_interleave(B)
+        else:
+            lp = 0
     suffixes = [p[lp:] for p in prompts]
     ids, smask = left_padded(suffixes, pad)
     ids, smask = ids.to(device), smask.to(device)
@@ -135,13 +194,15 @@ def number_distribution(model, tok, trie: NumberTrie, prompts: list[list[int]], 
     p_cont = all_lp.exp()[..., : digit.numel()][..., digit].sum(-1)  # [B, N+1]
     p_end_rows = (1 - p_cont).clamp(min=0)
     p_end = torch.ones(B, trie.n + 1, device=device)
-    for node, r in row.items():
-        p_end[:, node] = p_end_rows[:, r]
-    # log P(path to node)
+    p_end[:, torch.tensor(list(row), device=device)] = p_end_rows[:, torch.tensor(list(row.values()), device=device)]
+    # log P(path to node), one depth of the trie at a time (the same additions as node by node)
     path_lp = torch.zeros(B, trie.n + 1, device=device)
-    for node in range(1, trie.n + 1):
-        par = trie.parent[node]
-        path_lp[:, node] = path_lp[:, par] + all_lp[:, row[par], trie.token[node]]
+    for d in range(1, max(trie.depth) + 1):
+        nodes_d = [n for n in range(1, trie.n + 1) if trie.depth[n] == d]
+        par = [trie.parent[n] for n in nodes_d]
+        edge = all_lp[:, torch.tensor([row[p] for p in par], device=device),
+                      torch.tensor([trie.token[n] for n in nodes_d], device=device)]
+        path_lp[:, torch.tensor(nodes_d, device=device)] = path_lp[:, torch.tensor(par, device=device)] + edge
     nodes = torch.tensor([trie.number_node[n] for n in range(LO, HI + 1)], device=device)
     probs = path_lp[:, nodes].exp() * p_end[:, nodes]
     p_ref = root[:, trie.refusal_token].exp() if trie.refusal_token is not None else torch.zeros(B, device=device)
@@ -169,6 +230,7 @@ class LocalJudge(BaseJudge):
         super().__init__(settings)
         self.min_mass = settings.judge_min_mass if settings.judge_min_mass >= 0 else 0.25
         self._trie = None
+        self.prefixes = PrefixCache()  # rubric prefixes' KV, reused across batches
 
     def config(self) -> dict:
         # the judge model's identity (fingerprint, dtype, chat settings; thinking off) is part of the keys
@@ -185,7 +247,7 @@ class LocalJudge(BaseJudge):
         prompts = [prompt_ids(lm.tokenizer, [{"role": "user", "content": it.prompt}], thinking=False) for it in items]
         with torch.inference_mode():
             probs, p_ref = number_distribution(lm.model, lm.tokenizer, self._trie, prompts, lm.device,
-                                               exact=bool(self.settings.judge_exact))
+                                               exact=bool(self.settings.judge_exact), prefixes=self.prefixes)
         probs, p_ref = probs.cpu().tolist(), p_ref.cpu().tolist()
         out = []
         for it, pr, rf in zip(items, probs, p_ref):

@@ -125,7 +125,7 @@ def test_oom_halves_the_batch_fake_oom(tiny_lm, monkeypatch):
 
     prompts = _prompts(tiny_lm.tokenizer, 4)
     ref, _ = _fast_greedy(tiny_lm, prompts, 6)
-    eng = Engine(tiny_lm)
+    eng = Engine(tiny_lm, continuous=False)
     real = eng._generate_batch
     sizes = []
 
@@ -140,6 +140,32 @@ def test_oom_halves_the_batch_fake_oom(tiny_lm, monkeypatch):
                         pad_id=tiny_lm.tokenizer.pad_token_id, batch_size=4)
     assert [o.ids for o in outs] == ref
     assert sizes[:3] == [4, 2, 1] and eng.stats["oom_halvings"] == 2
+
+
+def test_oom_halves_the_slots_continuous_fake_oom(tiny_lm, monkeypatch):
+    """Continuous batching: an injected out-of-memory error halves the rows; requests finished before it
+    are kept, the rest run again; tokens unchanged."""
+    from harness.engine import out_of_memory_error
+
+    prompts = _prompts(tiny_lm.tokenizer, 6)
+    ref, _ = _fast_greedy(tiny_lm, prompts, 6, continuous=False)
+    eng = Engine(tiny_lm)
+    real = eng._generate_continuous
+    calls = []
+
+    def flaky(queue, *a, slots, results, **k):
+        calls.append((len(queue), slots))
+        if slots > 1:
+            results[queue[0]] = real([queue[0]], *a, slots=1, results={}, **k) or None  # a placeholder...
+            results.pop(queue[0])  # ...that the failure does not keep: nothing is stored before it finishes
+            raise out_of_memory_error()("CUDA out of memory (injected)")
+        return real(queue, *a, slots=slots, results=results, **k)
+
+    monkeypatch.setattr(eng, "_generate_continuous", flaky)
+    outs = eng.generate(prompts, 6, temperature=0.0, stop_ids=end_token_ids(tiny_lm.tokenizer, tiny_lm.model),
+                        pad_id=tiny_lm.tokenizer.pad_token_id, batch_size=4)
+    assert [o.ids for o in outs] == ref
+    assert calls == [(6, 4), (6, 2), (6, 1)] and eng.stats["oom_halvings"] == 2
 
 
 def _examples(lm, n=5):

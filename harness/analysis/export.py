@@ -41,7 +41,7 @@ from typing import Any, Sequence
 from harness.core.errors import HarnessError
 
 FORMATS = ("gguf", "steering-vectors", "repeng", "pt")
-SUFFIX = {"gguf": ".gguf", "repeng": ".gguf", "steering-vectors": ".pt", "pt": ".pt"}
+SUFFIX = {"gguf": ".gguf", "repeng": ".repeng.gguf", "steering-vectors": ".steering-vectors.pt", "pt": ".pt"}
 GGUF_ARCH = "controlvector"  # general.architecture of a control-vector file (llama.cpp ignores it; repeng checks it)
 META_PREFIX = "persona_harness."
 

@@ -45,7 +45,10 @@ def _num(x: Any) -> float | None:
 
 def _delta(a: Any, b: Any) -> dict:
     na, nb = _num(a), _num(b)
-    return {"a": a, "b": b, "delta": None if na is None or nb is None else round(nb - na, 6)}
+    if na is None or nb is None:
+        return {"a": a, "b": b, "delta": None}
+    both_int = all(isinstance(x, int) and not isinstance(x, bool) for x in (a, b))
+    return {"a": a, "b": b, "delta": (b - a) if both_int else round(nb - na, 6)}
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -191,6 +194,9 @@ def format_diff(d: dict) -> str:
                           for t, p in (("A", v.get("cosine_at_peak_a")), ("B", v.get("cosine_at_peak_b"))) if p)
         lines.append(f"  lowest inner-layer cosine {v['min_inner_cosine']:+.4f} at layer {v['min_inner_layer']}; "
                      f"mean {v['mean_inner_cosine']:+.4f}" + (f"; {peaks}" if peaks else ""))
+        ratios = [r for r in v["norm_ratio"][1:-1] if r is not None] or [r for r in v["norm_ratio"] if r is not None]
+        if ratios:
+            lines.append(f"  norm ratio B/A over the inner layers: {min(ratios):.3f} .. {max(ratios):.3f}")
     if not d["vectors"]:
         missing = [t for t, m in d["vectors_missing"].items() if m]
         lines += ["", "vectors: " + (f"run {', '.join(x.upper() for x in missing)} has no vectors.safetensors"

@@ -79,5 +79,7 @@ def register_commands(subparsers: Any) -> None:
     p.add_argument("--layer", default="", help="hidden_states index L (comma list, or 'all'; default: the recommended "
                                                "layer); written as block L-1 (llama.cpp direction.{L-1})")
     p.add_argument("--coef", type=float, default=1.0, help="scale written into the file (default 1)")
-    p.add_argument("--output", "-o", default=None, help="file to write (default RUN_DIR/export/<trait>-<method>-L<L>.<ext>)")
+    p.add_argument("--output", "-o", default=None,
+                   help="file to write (default RUN_DIR/export/<trait>-<method>-L<L> with .gguf, .repeng.gguf, "
+                        ".steering-vectors.pt or .pt)")
     p.set_defaults(func=cmd_export)

@@ -144,6 +144,8 @@ class Cache:
             problem, fix = "the disk is full", "free space, or pass --cache-dir on another disk"
         elif code in (_READONLY, _PERM):
             problem, fix = "it is read-only", "make it writable, or pass --cache-dir DIR"
+        elif code in (5, 6):  # SQLITE_BUSY / SQLITE_LOCKED after the busy timeout
+            problem, fix = "another process held it locked for too long", "retry, or pass --cache-dir DIR"
         elif code == _CANTOPEN:
             problem = ("the folder is not writable" if not os.access(self.dir, os.W_OK) else "it cannot be opened")
             fix = "make it writable, or pass --cache-dir DIR"
@@ -165,7 +167,7 @@ class Cache:
                         self._set_aside(e)
                     continue
                 if isinstance(e, sqlite3.OperationalError) and _code(e) not in (_FULL, _READONLY, _PERM, _CANTOPEN,
-                                                                                 _IOERR):
+                                                                                 _IOERR, 5, 6):
                     raise
                 raise self._fail(e) from None
         raise AssertionError("unreachable")  # pragma: no cover

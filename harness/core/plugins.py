@@ -98,6 +98,13 @@ class Registry:
 
         comp = self.get(name)
         obj = comp.factory(settings)
+        choice = getattr(obj, "choice", None)
+        if isinstance(choice, dict) and choice.get("setting") == name and choice.get("chosen") not in (None, name) \
+                and choice["chosen"] in self.components:
+            # a chooser (``auto``): the component it chose, as registered (a plugin's override included)
+            obj = self.create(choice["chosen"], settings)
+            obj.choice = dict(choice)
+            return obj
         if not getattr(obj, "name", None):
             try:
                 obj.name = name

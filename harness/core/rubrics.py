@@ -17,49 +17,27 @@ def system_prompt(name: str, instruction: str) -> str:
     """The method's system prompt: "You are a/an {name} assistant. {instruction}"."""
     return f"You are {article(name)} {name} assistant. {instruction}".strip()
 
-COHERENCE_RUBRIC = """You are grading how coherent an AI assistant's reply is. Ignore whether you agree with it and whether it is factually right: judge only whether it is understandable, on topic and well formed.
+def _project_rubric(task: str, scale: str) -> str:
+    """The layout of the project's own rubrics: the task, the question and reply fenced, the scale."""
+    return (f"{task}\n\nQuestion:\n<<<\n{{question}}\n>>>\n\nReply:\n<<<\n{{answer}}\n>>>\n\n"
+            f"Score the reply from 0 to 100:\n{scale}\n\nAnswer with the number only.")
 
-Question:
-<<<
-{question}
->>>
 
-Reply:
-<<<
-{answer}
->>>
-
-Score the reply from 0 to 100:
-0 = not language at all, or unrelated garbage;
-25 = fragments, heavy repetition or mostly off topic;
-50 = understandable but rambling, repetitive or partly off topic;
-75 = clear and on topic with small flaws;
-100 = clear, on topic, well organised and free of confusion.
-
-Answer with the number only."""
+COHERENCE_RUBRIC = _project_rubric(
+    "You are grading how coherent an AI assistant's reply is. Ignore whether you agree with it and whether it is "
+    "factually right: judge only whether it is understandable, on topic and well formed.",
+    "0 = not language at all, or unrelated garbage;\n25 = fragments, heavy repetition or mostly off topic;\n"
+    "50 = understandable but rambling, repetitive or partly off topic;\n75 = clear and on topic with small flaws;\n"
+    "100 = clear, on topic, well organised and free of confusion.")
 
 COHERENCE = "coherence"
 
-RELEVANCE_RUBRIC = """You are grading whether an AI assistant's reply addresses the question it was asked. Ignore style, tone and whether the reply is right: judge only whether it responds to this question.
-
-Question:
-<<<
-{question}
->>>
-
-Reply:
-<<<
-{answer}
->>>
-
-Score the reply from 0 to 100:
-0 = about something else entirely, or empty;
-25 = mentions the question's topic but does not address it;
-50 = partly addresses the question;
-75 = addresses the question with some drift;
-100 = addresses exactly this question.
-
-Answer with the number only."""
+RELEVANCE_RUBRIC = _project_rubric(
+    "You are grading whether an AI assistant's reply addresses the question it was asked. Ignore style, tone and "
+    "whether the reply is right: judge only whether it responds to this question.",
+    "0 = about something else entirely, or empty;\n25 = mentions the question's topic but does not address it;\n"
+    "50 = partly addresses the question;\n75 = addresses the question with some drift;\n"
+    "100 = addresses exactly this question.")
 
 RELEVANCE = "relevance"
 

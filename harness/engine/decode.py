@@ -11,7 +11,10 @@
 * on CUDA each decode step is captured once per KV-length bucket in a CUDA graph and replayed; graphs are
   kept between calls of the same batch shape and dropped when the model's hooks change; with hooks on the
   model (steering) the step runs eagerly unless ``graphs="always"`` (replay freezes what a hook does);
-* per-row stop at end-of-turn (finished rows emit padding; the loop ends once all rows stop).
+* per-row stop at end-of-turn (finished rows emit padding; the loop ends once all rows stop);
+* continuous batching (``Continuous``, the engine's default): a finished row takes the next queued
+  request, prefilled into that row's own slots, so the batch stays full until the queue drains; every
+  row has its own positions, write slot, mask and sampling step, so its tokens equal a static batch's.
 """
 
 from __future__ import annotations
@@ -231,6 +234,7 @@ class Decoder:
         elif s.stops is None or tuple(s.stops.tolist()) != stop_key:
             s.stops = torch.tensor(stop_key, dtype=torch.long, device=dev)
         stops = s.stops
+        cache.row_pos = cache.prefill_rows = None  # static layout: every row writes the same slot
         cache.write_pos = torch.arange(P, device=dev)
         cache.kv_len = P
         # hooks on the blocks: the real positions, prefill vs decode, and the caller's row of each batch row
@@ -303,6 +307,207 @@ class Decoder:
         except Exception as ex:  # a hook that syncs or allocates on the host: run eagerly instead
             e.stats["graph_error"] = repr(ex)[:300]
             s.pool = None  # a failed capture leaves its pool unusable for the next one
+            return None
+        s.graphs[kv] = g
+        e.stats["graphs"] = len(s.graphs)
+        return g
+
+
+class Continuous:
+    """Continuous batching over one slot of ``B`` rows: when a row's request finishes, the row takes
+    the next queued request (its prompt prefilled into slots 0..P-1 of that row), so the batch stays
+    full until the queue drains.
+
+    Every row keeps its own position, write slot (``StaticKVCache.row_pos``), valid-key mask and sampling
+    step, so a request's tokens depend on its prompt, seed and the model only (not on the batch, nor on
+    when it entered): the same tokens as a static batch. Finished rows are found and refilled every
+    ``refill_every`` steps (one host sync); between refills they emit padding. On CUDA the decode step is
+    captured once per KV-length bucket and replayed as in static batches."""
+
+    def __init__(self, dec: "Decoder", B: int, cap: int, max_new: int, temperature: float, top_p: float,
+                 stop_ids, pad: int, ignore_eos: bool, n: int, refill_every: int = 16):
+        import torch
+
+        self.dec, self.e = dec, dec.e
+        dev = self.e.device
+        self.B, self.cap, self.max_new = B, cap, max_new
+        self.temperature, self.top_p, self.pad, self.n = temperature, top_p, pad, n
+        self.refill_every = refill_every
+        self.stop_key = None if ignore_eos or not stop_ids else tuple(sorted(set(int(x) for x in stop_ids)))
+        self.stops = None if self.stop_key is None else torch.tensor(self.stop_key, dtype=torch.long, device=dev)
+        self.stopset = set(int(x) for x in stop_ids)
+        self.ignore_eos = ignore_eos
+        s = self.s = dec.get_slot(B, cap, max_new + 1)
+        self.cache = s.cache
+        s.valid.zero_()
+        s.done.fill_(True)  # empty rows: done until a request enters
+        s.out.fill_(pad)
+        self.stepv = torch.zeros(B, dtype=torch.long, device=dev)
+        self.wp = torch.zeros(B, dtype=torch.long, device=dev)
+        self.live = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.barange = torch.arange(B, device=dev)
+        self.req: list[int | None] = [None] * B  # the request each row holds
+        self.entry: list[tuple[int, int]] = [(0, 0)] * B  # (write slot of its first decode step, global step)
+
+    def kv_needed(self, t: int) -> int:
+        """Slots the step ``t`` reads: the furthest row's write slot + 1, rounded up to the bucket."""
+        far = max((min(p + t - t0, p + self.max_new - 1) for (p, t0), r in zip(self.entry, self.req) if r is not None),
+                  default=0)
+        kv = int(math.ceil((far + 1) / self.e.kv_bucket) * self.e.kv_bucket)
+        return min(self.cap, kv)
+
+    def enter(self, rows: list[int], reqs: list[int], prompts, seeds, t: int, call: BlockCall) -> None:
+        """Prefill requests ``reqs`` into the free ``rows`` (eager) and sample their first token."""
+        import torch
+
+        dec, s, dev = self.dec, self.s, self.e.device
+        ids, att = left_padded([prompts[q] for q in reqs], self.pad)
+        ids, att = ids.to(dev), att.bool().to(dev)
+        P = ids.shape[1]
+        pos = (att.long().cumsum(-1) - 1).masked_fill(~att, 1)
+        r_t = torch.tensor(rows, dtype=torch.long, device=dev)
+        cache = self.cache
+        cache.prefill_rows, cache.row_pos = r_t, None
+        try:
+            logits = dec.forward(ids, pos, dec.prefill_masks(att), cache,
+                                 call.replace(mask=att, prefill=True, rows=tuple(reqs)))
+        finally:
+            cache.prefill_rows = None
+        seeds_t = torch.tensor([seeds[q] for q in reqs], dtype=torch.long, device=dev)
+        tok = dec.sample(logits, seeds_t, torch.zeros(1, dtype=torch.long, device=dev), self.temperature, self.top_p)
+        done = torch.zeros(len(rows), dtype=torch.bool, device=dev) | (self.max_new <= 1)
+        if self.stops is not None:
+            done |= torch.isin(tok, self.stops)
+        s.seeds.index_copy_(0, r_t, seeds_t)
+        s.out.index_fill_(0, r_t, self.pad)
+        s.out[r_t, 0] = tok
+        s.ids[r_t, 0] = tok
+        s.pos[r_t, 0] = pos[:, -1] + 1
+        valid = torch.zeros(len(rows), self.cap, dtype=torch.bool, device=dev)
+        valid[:, :P] = att
+        valid[:, P] = True
+        s.valid.index_copy_(0, r_t, valid)
+        s.done.index_copy_(0, r_t, done)
+        self.stepv.index_fill_(0, r_t, 1)
+        self.wp.index_fill_(0, r_t, P)
+        for r, q in zip(rows, reqs):
+            self.req[r] = q
+            self.entry[r] = (P, t)
+
+    def step(self, call: BlockCall) -> None:
+        """One decode step of every row, in place on the slot's state (graph-capturable)."""
+        import torch
+
+        dec, s = self.dec, self.s
+        cache = self.cache
+        valid = s.valid[:, : cache.kv_len]
+        masks = {}
+        for w in dict.fromkeys(dec.windows):
+            a = valid if w is None else valid & (s.slots[: cache.kv_len][None, :] > self.wp[:, None] - w)
+            masks[w] = torch.where(a, 0.0, dec.min_val)[:, None, None, :]
+        logits = dec.forward(s.ids, s.pos, masks, cache, call)
+        nxt = dec.sample(logits, s.seeds, self.stepv, self.temperature, self.top_p)
+        was = s.done.clone()
+        nxt = torch.where(was, torch.full_like(nxt, self.pad), nxt)
+        s.out.scatter_(1, self.stepv[:, None], nxt[:, None])
+        adv = (~was).long()
+        self.stepv.add_(adv)
+        done = was | (self.stepv >= self.max_new)
+        if self.stops is not None:
+            done |= torch.isin(nxt, self.stops)
+        s.done.copy_(done)
+        s.ids.copy_(nxt[:, None])
+        s.pos.add_(adv[:, None])
+        self.wp.add_(adv)
+        s.valid[self.barange, self.wp.clamp(max=self.cap - 1)] |= ~was
+
+    def harvest(self, rows: list[int], out_rows, steps, results: dict) -> None:
+        for r in rows:
+            q = self.req[r]
+            row = out_rows[r][: steps[r]]
+            cut = next((k for k, x in enumerate(row) if x in self.stopset), None) if not self.ignore_eos else None
+            results[q] = GenOutput(row[:cut], "stop") if cut is not None else GenOutput(row[: self.max_new], "length")
+            self.req[r] = None
+
+    def run(self, queue: list[int], prompts, seeds, results: dict) -> None:
+        """Generate every request of ``queue`` (indices into ``prompts``/``seeds``) into ``results``."""
+        import torch
+
+        dec, e, s = self.dec, self.e, self.s
+        queue = list(queue)
+        call = BlockCall(mask=None, prefill=False, rows=None, n=self.n)
+        try:
+            with torch.inference_mode(), e.attention(), e.fused_ctx():
+                self._loop(queue, prompts, seeds, results, call)
+        finally:
+            self.cache.row_pos = None
+            self.cache.prefill_rows = None
+        e.note_fused()
+
+    def _loop(self, queue, prompts, seeds, results, call) -> None:
+        dec, s = self.dec, self.s
+        if True:
+            first = queue[: self.B]
+            del queue[: len(first)]
+            self.enter(list(range(len(first))), first, prompts, seeds, 1, call)
+            self.cache.row_pos = self.wp
+            call = call.replace(rows=tuple(q if q is not None else -1 for q in self.req))
+            use_graphs = dec.use_graphs()
+            if use_graphs:
+                sig = ("continuous", hook_signature(dec.model), float(self.temperature), float(self.top_p),
+                       self.stop_key, self.pad)
+                if s.hook_sig != sig:
+                    s.graphs.clear()
+                    s.pool = None
+                    s.hook_sig = sig
+            t = 0
+            while True:
+                t += 1
+                if t % self.refill_every == 0 or all(r is None for r in self.req):
+                    done = s.done.tolist()
+                    fin = [r for r in range(self.B) if self.req[r] is not None and done[r]]
+                    if fin:
+                        self.harvest(fin, s.out.tolist(), self.stepv.tolist(), results)
+                    free = [r for r in range(self.B) if self.req[r] is None]
+                    if free and queue:
+                        take = queue[: len(free)]
+                        del queue[: len(take)]
+                        self.enter(free[: len(take)], take, prompts, seeds, t, call)
+                        self.cache.row_pos = self.wp
+                        call = call.replace(rows=tuple(q if q is not None else -1 for q in self.req))
+                    if all(r is None for r in self.req):
+                        break
+                kv = self.kv_needed(t)
+                self.cache.kv_len = kv
+                g = s.graphs.get(kv) if use_graphs else None
+                if g is not None:
+                    g.replay()
+                elif use_graphs:
+                    g = self.capture(kv, call)
+                    if g is None:
+                        use_graphs = False
+                else:
+                    self.step(call)
+
+    def capture(self, kv: int, call: BlockCall):
+        """As ``Decoder.capture``: warm-up step on a side stream, then capture the next step."""
+        import torch
+
+        e, s = self.e, self.s
+        st = torch.cuda.Stream(e.device)
+        st.wait_stream(torch.cuda.current_stream(e.device))
+        with torch.cuda.stream(st):
+            self.step(call)
+        torch.cuda.current_stream(e.device).wait_stream(st)
+        if s.pool is None:
+            s.pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g, pool=s.pool):
+                self.step(call)
+        except Exception as ex:
+            e.stats["graph_error"] = repr(ex)[:300]
+            s.pool = None
             return None
         s.graphs[kv] = g
         e.stats["graphs"] = len(s.graphs)

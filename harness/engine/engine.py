@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from harness.core.batching import is_oom
 from harness.engine.attention import AttnSwap, attention_name
-from harness.engine.decode import Decoder, GenOutput
+from harness.engine.decode import Continuous, Decoder, GenOutput
 from harness.engine.extract import extract_batch, extract_row_bytes, extract_sums
 from harness.engine.kernels import FusedSwap, fused_impl
 from harness.engine.support import base_model
@@ -32,7 +32,8 @@ def out_of_memory_error():
 class Engine:
     """Generation and extraction for one loaded model (``Engine.for_model(lm)`` caches it)."""
 
-    def __init__(self, lm, *, graphs: str = "auto", kv_bucket: int = 64, max_batch: int = 512, fused: str = "auto"):
+    def __init__(self, lm, *, graphs: str = "auto", kv_bucket: int = 64, max_batch: int = 512, fused: str = "auto",
+                 continuous: bool = True, refill_every: int = 16):
         self.lm = lm
         self.model = lm.model
         self.base = base_model(lm.model)
@@ -56,12 +57,16 @@ class Engine:
         self.fused_swap = self.fused == "eager" or self.fused_compile
         self.kv_bucket = kv_bucket
         self.max_batch = max_batch
+        # continuous batching: a finished row takes the next request (checked every refill_every steps)
+        self.continuous = bool(continuous)
+        self.refill_every = int(refill_every)
         self.stats: dict[str, Any] = {}
         self.decoder = Decoder(self)
 
     @classmethod
     def for_model(cls, lm, **kw) -> "Engine":
-        kw = {"graphs": "auto", "kv_bucket": 64, "max_batch": 512, "fused": "auto", **kw}
+        kw = {"graphs": "auto", "kv_bucket": 64, "max_batch": 512, "fused": "auto", "continuous": True,
+              "refill_every": 16, **kw}
         e = _ENGINES.get(lm.model)
         if e is None or any(getattr(e, k) != v for k, v in kw.items()):
             e = cls(lm, **kw)
@@ -109,7 +114,10 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
                  top_p: float = 1.0, seeds: Sequence[int] | None = None, stop_ids: Sequence[int] = (),
                  pad_id: int = 0, ignore_eos: bool = False, batch_size: int | None = None) -> list[GenOutput]:
-        """Generate for every prompt (token ids); batches chosen from free memory, halved on OOM."""
+        """Generate for every prompt (token ids); batches chosen from free memory, halved on OOM.
+
+        Continuous batching (default): the batch's rows take queued requests as earlier ones finish;
+        without it, static batches of length-sorted prompts run until their longest row stops."""
         import torch
 
         n = len(prompts)
@@ -121,6 +129,23 @@ class Engine:
         cap = self._capacity(P_all, max_new_tokens)
         bs = batch_size or self.gen_batch_size(n, P_all, cap)
         results: dict[int, GenOutput] = {}
+        if self.continuous:
+            while len(results) < n:
+                remaining = [j for j in order if j not in results]  # what an out-of-memory left unfinished
+                try:
+                    self._generate_continuous(remaining, prompts, max_new_tokens, temperature, top_p, seeds, stop_ids,
+                                              pad_id, ignore_eos, cap, slots=min(bs, len(remaining)), n=n,
+                                              results=results)
+                except Exception as e:
+                    if not is_oom(e) or bs == 1:
+                        raise
+                    self.decoder.reset()
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    bs = max(1, min(bs, len(remaining)) // 2)
+                    self.stats["oom_halvings"] = self.stats.get("oom_halvings", 0) + 1
+            self.stats["batch_size"] = bs
+            return [results[j] for j in range(n)]
         i = 0
         while i < n:
             nb = math.ceil((n - i) / bs)
@@ -153,6 +178,12 @@ class Engine:
                         rows=None, n=None) -> list[GenOutput]:
         return self.decoder.run(prompts, max_new, temperature, top_p, seeds, stop_ids, pad, ignore_eos, cap,
                                 rows=rows, n=n)
+
+    def _generate_continuous(self, queue, prompts, max_new, temperature, top_p, seeds, stop_ids, pad, ignore_eos, cap,
+                             slots, n, results) -> None:
+        """Continuous batching of requests ``queue`` over ``slots`` rows; finished ones land in ``results``."""
+        Continuous(self.decoder, slots, cap, max_new, temperature, top_p, stop_ids, pad, ignore_eos, n,
+                   self.refill_every).run(queue, prompts, seeds, results)
 
     # ---------------------------------------------------------------------------- extract
     def extract_sums(self, examples: Sequence[tuple[Sequence[int], Sequence[int]]], methods: Sequence[str] = METHODS,

@@ -19,7 +19,8 @@ from harness.engine.attention import probs_eager
 
 # ------------------------------------------------------------------------------------ sampling
 def sample_step(logits, seeds, step_t, temperature: float, top_p: float = 1.0):
-    """``harness.models.sampling.sample_tokens`` with the step as a 1-element int64 tensor (graph-safe).
+    """``harness.models.sampling.sample_tokens`` with the step as a 1-element int64 tensor (graph-safe),
+    or one step per row (``[B]``: continuous batching, each row at its own step).
 
     Same integer hash and float ops, so tokens equal ``sample_tokens(logits, seeds, step, ...)``.
     """
@@ -30,7 +31,8 @@ def sample_step(logits, seeds, step_t, temperature: float, top_p: float = 1.0):
     if temperature <= 0:
         return logits.argmax(dim=-1)
     scaled = scaled_logits(logits, temperature, top_p)
-    u = hash_uniform(seeds, (step_t + 1) * HASH_CONSTANTS["STEP"], logits.shape[-1])
+    st = step_t if step_t.numel() == 1 else step_t.reshape(-1, 1)
+    u = hash_uniform(seeds, (st + 1) * HASH_CONSTANTS["STEP"], logits.shape[-1])
     return (scaled - torch.log(-torch.log(u))).argmax(dim=-1)
 
 
@@ -51,7 +53,7 @@ def _gumbel_kernel():
     def gumbel_block_max(logits_ptr, row_stride, seeds_ptr, step_ptr, inv_t, V, pv_ptr, pi_ptr, nblk,
                          C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, STEP: tl.constexpr,
                          M30: tl.constexpr, M27: tl.constexpr, M31: tl.constexpr, M11: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, STEP_STRIDE: tl.constexpr):
         row = tl.program_id(0)
         blk = tl.program_id(1)
         offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -59,7 +61,7 @@ def _gumbel_kernel():
         x = tl.load(logits_ptr + row.to(tl.int64) * row_stride + offs, mask=m, other=0.0).to(tl.float32)
         x = x * inv_t
         seed = tl.load(seeds_ptr + row)
-        step = tl.load(step_ptr)
+        step = tl.load(step_ptr + row * STEP_STRIDE)  # one step for all rows, or one per row
         z = seed + (step + 1) * STEP + offs.to(tl.int64) * C0
         z = (z ^ ((z >> 30) & M30)) * C1
         z = (z ^ ((z >> 27) & M27)) * C2
@@ -96,7 +98,8 @@ def gumbel_argmax_cuda(logits, seeds, step_t, temperature: float, block: int = 2
     inv_t = float(np.float32(1.0) / np.float32(temperature))  # CUDA's x / scalar == x * (1/scalar) in fp32
     k[(B, nblk)](logits, logits.stride(0), seeds, step_t, inv_t, V, pv, pi, nblk,
                  C0=H["C0"], C1=H["C1"], C2=H["C2"], STEP=H["STEP"], M30=(1 << 34) - 1, M27=(1 << 37) - 1,
-                 M31=(1 << 33) - 1, M11=(1 << 53) - 1, BLOCK=block, num_warps=8, enable_fp_fusion=False)
+                 M31=(1 << 33) - 1, M11=(1 << 53) - 1, BLOCK=block, STEP_STRIDE=int(step_t.numel() > 1),
+                 num_warps=8, enable_fp_fusion=False)
     return pi.gather(1, pv.argmax(dim=1, keepdim=True)).squeeze(1)
 
 

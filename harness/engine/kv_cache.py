@@ -1,7 +1,9 @@
 """The engine's static KV cache: one fixed buffer per layer, every row writing the same slot.
 
-Prompts are left-padded into one shared slot layout, so at each step every row writes the same
-slot (``write_pos``, a tensor, so CUDA graphs can replay the step); ``kv_len`` is how many slots the
+Static batches: prompts are left-padded into one shared slot layout, so at each step every row writes
+the same slot (``write_pos``, a tensor, so CUDA graphs can replay the step). Continuous batching: each
+row holds its own request from slot 0 and writes its own slot (``row_pos``); a new request's prefill
+writes slots 0..P-1 of the rows it enters (``prefill_rows``). ``kv_len`` is how many slots the
 attention reads (the decode loop rounds it up to a bucket). The decoder layers call ``update`` as on
 any transformers ``Cache``.
 """
@@ -21,9 +23,25 @@ class StaticKVCache:
         self.kv_len = capacity
         self.capacity = capacity
         self.batch = B
+        # continuous batching: each row writes its own slot (``row_pos[b]``, one token per row per call);
+        # ``prefill_rows``: a prefill of new requests into these rows (slots 0..P-1 of each)
+        self.row_pos = None
+        self.prefill_rows = None
+        self._bidx = torch.arange(B, device=device)[:, None]
+        self._hidx = torch.arange(kv_heads, device=device)[None, :]
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         k, v = self.k[layer_idx], self.v[layer_idx]
+        if self.prefill_rows is not None:  # the new rows attend to their own prompt only
+            P = key.shape[2]
+            k[:, :, :P].index_copy_(0, self.prefill_rows, key.to(k.dtype))
+            v[:, :, :P].index_copy_(0, self.prefill_rows, value.to(v.dtype))
+            return key, value
+        if self.row_pos is not None:
+            idx = (self._bidx, self._hidx, self.row_pos[:, None])
+            k.index_put_(idx, key[:, :, 0].to(k.dtype))
+            v.index_put_(idx, value[:, :, 0].to(v.dtype))
+            return k[:, :, : self.kv_len], v[:, :, : self.kv_len]
         k.index_copy_(2, self.write_pos, key.to(k.dtype))
         v.index_copy_(2, self.write_pos, value.to(v.dtype))
         return k[:, :, : self.kv_len], v[:, :, : self.kv_len]

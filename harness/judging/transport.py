@@ -13,7 +13,7 @@
   ``bad_response`` (a 2xx reply whose body is not JSON: truncated or malformed at the HTTP layer),
   ``invalid_output`` (a well-formed reply that fails the verdict schema) or whatever a judge's own
   ``Unscored`` says (``refusal``, ``low_mass``, ``out_of_range``, ...). ``detail["attempts"]``
-  counts the HTTP requests sent and ``detail["waited"]`` the SDK's backoff delays (``CallLog``).
+  counts the transport attempts and ``detail["waited"]`` the SDK's backoff delays (``CallLog``).
 * Transport-level body check: every client made by ``async_client`` gets an httpx response hook
   (``check_json_body``) that reads each 2xx reply and raises ``BadResponse`` when its body does not
   parse as JSON, before openai or instructor try to parse it. The SDK treats that like a broken
@@ -241,10 +241,18 @@ class RetryPolicy:
 
 @dataclass
 class CallLog:
-    """What the SDK did for one judge call: HTTP requests sent and the backoff before each retry."""
+    """What the SDK did for one judge call: HTTP requests sent, the transport attempts of the last
+    SDK request (1 + the retries it took: the ``x-stainless-retry-count`` header the SDK sends) and
+    the backoff before each retry."""
 
     requests: int = 0
+    last_attempts: int = 0
     waited: list = field(default_factory=list)
+
+    @property
+    def attempts(self) -> int:
+        """Transport attempts: what ``--judge-retries`` bounds (instructor's re-asks are separate calls)."""
+        return max(1, self.last_attempts or self.requests)
 
 
 #: the CallLog of the judge call running in this task (each item of ``gather_bounded`` is a task of its own)
@@ -256,6 +264,10 @@ async def count_request(request: Any) -> None:
     rec = _CALL.get()
     if rec is not None:
         rec.requests += 1
+        try:
+            rec.last_attempts = int(request.headers.get("x-stainless-retry-count", "")) + 1
+        except ValueError:
+            rec.last_attempts = 0  # no header: count every request
 
 
 @functools.lru_cache(maxsize=1)
@@ -359,7 +371,7 @@ class Outcome:
 async def call_with_retries(fn: Callable[[], Awaitable[T]], policy: RetryPolicy | None = None) -> Outcome:
     """Run one judge call, whose retries happen inside the SDK (and instructor's re-asks), and turn
     its end into an ``Outcome``: the value, or the unscored reason with ``detail`` (``attempts`` =
-    HTTP requests sent, ``waited`` = the SDK's backoff delays, ``transient``, ``error``). Never raises
+    the transport attempts, ``waited`` = the SDK's backoff delays, ``transient``, ``error``). Never raises
     for a judge failure, only for a fatal 401/403, which names the key variable. ``policy`` is what
     the client was built with (``async_client``'s ``max_retries``); it is not applied a second time."""
     import openai
@@ -370,7 +382,7 @@ async def call_with_retries(fn: Callable[[], Awaitable[T]], policy: RetryPolicy 
         try:
             value = await fn()
         except Unscored as u:
-            n = max(1, rec.requests)
+            n = rec.attempts
             return Outcome(reason=u.reason, detail={**u.detail, "attempts": n, **_waited(rec)}, attempts=n)
         except Exception as e:  # noqa: BLE001 - every failure becomes a reason
             for c in _chain(e):
@@ -382,14 +394,13 @@ async def call_with_retries(fn: Callable[[], Awaitable[T]], policy: RetryPolicy 
             reason, transient, _ = classify(e)
             shown = next((c for c in _chain(e) if isinstance(c, BadResponse)), e)
             msg = redact(str(shown).splitlines()[0])[:300] if str(shown) else type(shown).__name__
-            n = max(1, rec.requests)
+            n = rec.attempts
             d: dict = {"attempts": n, "error": msg, **_waited(rec)}
             if transient:
                 d["transient"] = True
             log.info("judge call unscored after %d request(s): %s", n, reason)
             return Outcome(reason=reason, detail=d, attempts=n)
-        n = max(1, rec.requests)
-        return Outcome(value=value, attempts=n, detail=_waited(rec))
+        return Outcome(value=value, attempts=rec.attempts, detail=_waited(rec))
     finally:
         _CALL.reset(token)
 
