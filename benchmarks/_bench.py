@@ -356,3 +356,71 @@ def run(benchmark, bench, fn, rounds):
         call()
         return time.perf_counter() - t
     return st.stats.median
+
+
+# --------------------------------------------------------------------------- the paper's workload
+@dataclass
+class PaperWork:
+    """The paper's extraction generation for one trait: 5 pairs x 20 questions x 10 samples x pos/neg
+    = 2000 requests, up to 1000 new tokens, temperature 1.
+
+    Prompt lengths: the shipped traits' (system prompt + question) word counts x 1.3 + 12 (chat
+    template), cycled over the shipped traits' pairs and questions. Stop model: ``n_stop`` ids form the
+    end-of-turn set; a random-weight model's logits are near uniform, so every step stops with
+    probability about ``n_stop / vocab``: lengths are geometric with mean ``vocab / n_stop`` (2.5 per
+    mille of the vocabulary per token: mean 400, about 360 after the cap at 1000 for Qwen2.5's 152064
+    ids), capped at ``max_new``."""
+
+    n: int
+    max_new: int
+    rounds: int
+
+
+def paper_work(smoke: bool) -> PaperWork:
+    return PaperWork(n=12, max_new=24, rounds=1) if smoke else PaperWork(n=2000, max_new=1000, rounds=1)
+
+
+def paper_prompts(lm, w: PaperWork) -> list[list[int]]:
+    import random
+    from pathlib import Path
+
+    from harness.core.traits import load_trait_path
+
+    lens = []
+    for d in sorted((Path(__file__).resolve().parent.parent / "traits").iterdir()):
+        if not (d / "extract.json").is_file():
+            continue
+        spec = load_trait_path(d)
+        for ins in spec.instructions:
+            for q in spec.questions:
+                for sysp in (ins.pos, ins.neg):
+                    lens.append(int(1.3 * len((sysp + " " + q).split())) + 12)
+    rng = random.Random(7)
+    hi = min(int(lm.model.config.vocab_size), 32000)
+    return [[rng.randrange(10, hi) for _ in range(lens[i % len(lens)])] for i in range(w.n)]
+
+
+def paper_stop_ids(lm, w: PaperWork) -> list[int]:
+    V = int(lm.model.config.vocab_size)
+    k = max(1, round(V * 2.5 / 1000)) if w.max_new >= 1000 else max(1, round(V / (0.4 * w.max_new)))
+    return list(range(V - k, V))  # ids the prompts never use (they draw from the first 32000)
+
+
+def paper_generate(lm, w: PaperWork, *, continuous: bool, ignore_eos: bool = False, n: int | None = None):
+    import torch
+
+    from harness.engine import Engine
+
+    prompts = paper_prompts(lm, w)[: n or w.n]
+    seeds = [(i * 0x9E3779B97F4A7C15) & ((1 << 62) - 1) for i in range(len(prompts))]
+    eng = Engine.for_model(lm, continuous=continuous)
+    with torch.inference_mode():
+        outs = eng.generate(prompts, w.max_new, temperature=1.0, seeds=seeds, stop_ids=paper_stop_ids(lm, w),
+                            pad_id=0, ignore_eos=ignore_eos)
+    return prompts, outs, eng
+
+
+def paper_floor(lm, prompts, lengths) -> float:
+    """Compute floor: 2 x weights x every prompt and generated token, at the measured matmul rate."""
+    c = ceilings(lm)
+    return 2 * linear_params(lm) * (sum(map(len, prompts)) + sum(lengths)) / c["matmul_flops_per_s"]

@@ -19,6 +19,9 @@ def pytest_addoption(parser):
     g.addoption("--bench-model", default=None, help="qwen7b-shape | smollm2 | tiny (default: tiny on CPU, qwen7b-shape on CUDA)")
     g.addoption("--bench-smoke", action="store_true", default=None, help="small sizes (default on CPU)")
     g.addoption("--bench-full", action="store_true", default=False, help="full sizes even on CPU")
+    g.addoption("--bench-work", default="record", choices=("record", "paper"),
+                help="record: the benchmarks of record (n x fixed lengths); paper: also the paper's generation "
+                     "workload at full size (2000 requests, up to 1000 new tokens, variable lengths)")
 
 
 @pytest.fixture(scope="session")
@@ -34,4 +37,5 @@ def bench(request):
     w = _bench.work_for(name, smoke)
     _bench.ceilings(lm)  # copy bandwidth and matmul rate, measured once per session
     _bench.warm_up(lm)  # CUDA context, cuBLAS handles and allocator before any timed baseline
-    return {"lm": lm, "work": w, "info": _bench.device_info(lm), "results": {}}
+    paper = _bench.paper_work(smoke and request.config.getoption("--bench-work") != "paper")
+    return {"lm": lm, "work": w, "paper": paper, "info": _bench.device_info(lm), "results": {}}

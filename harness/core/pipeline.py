@@ -25,7 +25,7 @@ from harness.core.cache import Cache, cache_key
 from harness.core.config import Settings, validate_settings
 from harness.core.locks import hold_run_dir, run_lock_scope
 from harness.core import distributed as _dist
-from harness.core.errors import HarnessError, NoEffectivePairsError
+from harness.core.errors import HarnessError, NoEffectivePairsError, NonFiniteActivationError
 from harness.core.model_ids import canonical_model_id, model_identity
 from harness.core.plugins import build_registry, get_plugin_manager, lookup_trait, plugin_info
 from harness.core.records import (

@@ -463,7 +463,10 @@ class Continuous:
             t = 0
             while True:
                 t += 1
-                if t % self.refill_every == 0 or all(r is None for r in self.req):
+                # a host sync every refill_every steps, and when a row must have reached max_new
+                due = min((t0 + self.max_new - 1 for (_, t0), r in zip(self.entry, self.req) if r is not None),
+                          default=t)
+                if t % self.refill_every == 0 or due <= t:
                     done = s.done.tolist()
                     fin = [r for r in range(self.B) if self.req[r] is not None and done[r]]
                     if fin:
