@@ -55,6 +55,7 @@ def _run(project: Path, mutation: str) -> tuple[dict[str, str], str]:
            "PERSONA_HARNESS_TEST_MUTATION": mutation, "PERSONA_HARNESS_PLUGINS": "mutation_plugin",
            "PERSONA_HARNESS_EXTRACTOR": "mutant", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     p = subprocess.run([sys.executable, "-m", "pytest", "traits", "--trait", "sycophantic", "-p", "no:cacheprovider",
+                        "--harness-traits-dir", str(project / "traits"),
                         "-p", "no:randomly", "--harness-cache", str(CACHE), "--harness-run-dir",
                         str(project / "runs" / mutation.replace(":", "-")), f"--junitxml={xml}", "-q", "-rfs"],
                        cwd=project, env=env, capture_output=True, text=True, timeout=3000)
@@ -72,6 +73,7 @@ def _run(project: Path, mutation: str) -> tuple[dict[str, str], str]:
 def test_acceptance_fails_for_a_broken_vector_without_a_reference(project, mutation):
     outcomes, out = _run(project, mutation)
     assert outcomes, out[-4000:]
+    assert str(project / "traits" / "sycophantic" / "reference") in out or "no reference vector" in out, out[-3000:]
     assert "test_reference_cosine" in outcomes and outcomes["test_reference_cosine"] == "skipped", out[-3000:]
     failed = {k for k, v in outcomes.items() if v == "failed"}
     want = MUTATIONS[mutation]
