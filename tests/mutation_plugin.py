@@ -63,7 +63,7 @@ class MutantExtractor(MeanDiffExtractor):
             new = load_reference(TRAITS / mode.split(":", 1)[1] / "reference" / "smollm2.safetensors")[
                 "response_avg_diff"].float()
         elif mode in ("prompt_last", "prompt_avg"):
-            new = vs.tensors[f"{mode}_diff"].float()
+            new = vs.tensors[f"{mode}_diff"].float().clone()  # its own storage: safetensors refuses shared tensors
         elif mode == "flip":
             new = -v
         elif mode == "random":

@@ -345,7 +345,6 @@ class Continuous:
         self.stepv = torch.zeros(B, dtype=torch.long, device=dev)
         self.wp = torch.zeros(B, dtype=torch.long, device=dev)
         self.live = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.barange = torch.arange(B, device=dev)
         self.req: list[int | None] = [None] * B  # the request each row holds
         self.entry: list[tuple[int, int]] = [(0, 0)] * B  # (write slot of its first decode step, global step)
 
@@ -419,7 +418,8 @@ class Continuous:
         s.ids.copy_(nxt[:, None])
         s.pos.add_(adv[:, None])
         self.wp.add_(adv)
-        s.valid[self.barange, self.wp.clamp(max=self.cap - 1)] |= ~was
+        at = self.wp.clamp(max=self.cap - 1)[:, None]
+        s.valid.scatter_(1, at, s.valid.gather(1, at) | (~was)[:, None])
 
     def harvest(self, rows: list[int], out_rows, steps, results: dict) -> None:
         for r in rows:

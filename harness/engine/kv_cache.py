@@ -27,8 +27,6 @@ class StaticKVCache:
         # ``prefill_rows``: a prefill of new requests into these rows (slots 0..P-1 of each)
         self.row_pos = None
         self.prefill_rows = None
-        self._bidx = torch.arange(B, device=device)[:, None]
-        self._hidx = torch.arange(kv_heads, device=device)[None, :]
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         k, v = self.k[layer_idx], self.v[layer_idx]
@@ -37,10 +35,10 @@ class StaticKVCache:
             k[:, :, :P].index_copy_(0, self.prefill_rows, key.to(k.dtype))
             v[:, :, :P].index_copy_(0, self.prefill_rows, value.to(v.dtype))
             return key, value
-        if self.row_pos is not None:
-            idx = (self._bidx, self._hidx, self.row_pos[:, None])
-            k.index_put_(idx, key[:, :, 0].to(k.dtype))
-            v.index_put_(idx, value[:, :, 0].to(v.dtype))
+        if self.row_pos is not None:  # scatter along the slot dimension: graph-safe, one slot per row
+            idx = self.row_pos[:, None, None, None].expand(key.shape[0], key.shape[1], 1, key.shape[3])
+            k.scatter_(2, idx, key.to(k.dtype))
+            v.scatter_(2, idx, value.to(v.dtype))
             return k[:, :, : self.kv_len], v[:, :, : self.kv_len]
         k.index_copy_(2, self.write_pos, key.to(k.dtype))
         v.index_copy_(2, self.write_pos, value.to(v.dtype))
