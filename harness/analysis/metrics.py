@@ -69,7 +69,7 @@ def cohens_d(pos: Sequence[float], neg: Sequence[float]) -> float:
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     """Pearson's r; ``nan`` for fewer than 3 points or a constant series."""
     n = len(x)
-    if n < 3 or len(y) != n:
+    if n < 3 or len(y) != n or len(set(x)) < 2 or len(set(y)) < 2:  # constant: exact, not via rounding
         return NAN
     mx, my = sum(x) / n, sum(y) / n
     sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
