@@ -121,10 +121,14 @@ def test_bare_install_runs_the_default_trait_run(bare_venv):
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             found = list((work / "runs").glob("smollm2/sycophantic/*/generations.partial.jsonl"))
-            if found and found[0].stat().st_size > 0:
-                journal = found[0]
+            try:  # read it now: once the stage ends the journal is folded into generations.jsonl and removed
+                text = found[0].read_text() if found else ""
+            except FileNotFoundError:
+                text = ""
+            if "\n" in text:  # at least one whole record (a torn last line is left out below)
+                journal = text
                 break
-            time.sleep(1.0)
+            time.sleep(0.2)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -134,7 +138,8 @@ def test_bare_install_runs_the_default_trait_run(bare_venv):
             proc.kill()
             out, errs = proc.communicate()
     assert journal is not None, f"no generations were written (rc {proc.returncode}):\n{errs[-2500:]}"
-    recs = [json.loads(x) for x in journal.read_text().splitlines() if x.strip()]
+    whole = journal.splitlines() if journal.endswith("\n") else journal.splitlines()[:-1]
+    recs = [json.loads(x) for x in whole if x.strip()]
     assert recs and all(len(g["response_token_ids"]) <= 1 for g in recs)
     assert {g["trait"] for g in recs} == {"sycophantic"} and all(g["prompt_token_ids"] for g in recs)
     assert any((tmp / "models").glob("smollm2-135m-instruct-*/model.safetensors"))  # converted in this venv
