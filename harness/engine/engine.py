@@ -118,8 +118,6 @@ class Engine:
 
         Continuous batching (default): the batch's rows take queued requests as earlier ones finish;
         without it, static batches of length-sorted prompts run until their longest row stops."""
-        import torch
-
         n = len(prompts)
         if n == 0:
             return []
@@ -137,13 +135,7 @@ class Engine:
                                               pad_id, ignore_eos, cap, slots=min(bs, len(remaining)), n=n,
                                               results=results)
                 except Exception as e:
-                    if not is_oom(e) or bs == 1:
-                        raise
-                    self.decoder.reset()
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    bs = max(1, min(bs, len(remaining)) // 2)
-                    self.stats["oom_halvings"] = self.stats.get("oom_halvings", 0) + 1
+                    bs = self._halve_after_oom(e, min(bs, len(remaining)))
             self.stats["batch_size"] = bs
             return [results[j] for j in range(n)]
         i = 0
@@ -156,19 +148,26 @@ class Engine:
                                             [seeds[j] for j in idx], stop_ids, pad_id, ignore_eos, cap,
                                             rows=idx, n=n)
             except Exception as e:
-                if not is_oom(e) or bs == 1:
-                    raise
-                self.decoder.reset()
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                bs = max(1, bs // 2)
-                self.stats["oom_halvings"] = self.stats.get("oom_halvings", 0) + 1
+                bs = self._halve_after_oom(e, bs)
                 continue
             for j, o in zip(idx, outs):
                 results[j] = o
             i += len(idx)
         self.stats["batch_size"] = bs
         return [results[j] for j in range(n)]
+
+    def _halve_after_oom(self, error: Exception, bs: int) -> int:
+        """Re-raise ``error`` unless it is an out-of-memory error at a batch size above 1; else free the
+        decoder's state and the allocator's cache and return the halved batch size."""
+        import torch
+
+        if not is_oom(error) or bs == 1:
+            raise error
+        self.decoder.reset()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.stats["oom_halvings"] = self.stats.get("oom_halvings", 0) + 1
+        return max(1, bs // 2)
 
     def _capacity(self, P: int, max_new: int) -> int:
         need = P + max_new
