@@ -78,6 +78,41 @@ def examples_for(lm, w: Work) -> list[tuple[list[int], list[int]]]:
     return [(p, [rng.randrange(10, hi) for _ in range(w.new_tokens)]) for p in prompts_for(lm, w)]
 
 
+def tokenizer_dir() -> str:
+    """The tokenizer the random-weight benchmark models use: ``$PERSONA_HARNESS_BENCH_TOKENIZER`` (a folder
+    with the embedded model's tokenizer files, for machines without the embedded GGUF) or the embedded
+    model's own folder."""
+    import os
+
+    from harness.models.loading import embedded_model_dir
+
+    return os.environ.get("PERSONA_HARNESS_BENCH_TOKENIZER") or str(embedded_model_dir())
+
+
+def judge_work(tok, spec, gens, exact: bool) -> tuple[int, int]:
+    """Ids the local judge must run at least (each rubric's shared prefix once, every prompt's remainder,
+    the number trie per judgment) and the rows that need logits, for ``gens`` judged on ``spec``."""
+    import os
+
+    from harness_plugins.judge_local import NumberTrie
+
+    from harness.core.rubrics import judge_items
+    from harness.models.loading import prompt_ids
+
+    trie = NumberTrie(tok)
+    tree = trie.n if exact else len(set(trie.parent[1:]))  # not exact: the nodes with children
+    by_metric: dict[str, list[list[int]]] = {}
+    for it in judge_items(spec.name, spec.eval_prompt, gens):
+        by_metric.setdefault(it.metric, []).append(prompt_ids(tok, [{"role": "user", "content": it.prompt}],
+                                                              thinking=False))
+    body = logits = 0
+    for ps in by_metric.values():
+        lp = len(os.path.commonprefix(ps))
+        body += lp + sum(len(p) - lp + tree for p in ps)
+        logits += len(ps) * (1 + tree)
+    return body, logits
+
+
 def sync(lm) -> None:
     import torch
 
@@ -406,14 +441,15 @@ def paper_stop_ids(lm, w: PaperWork) -> list[int]:
     return list(range(V - k, V))  # ids the prompts never use (they draw from the first 32000)
 
 
-def paper_generate(lm, w: PaperWork, *, continuous: bool, ignore_eos: bool = False, n: int | None = None):
+def paper_generate(lm, w: PaperWork, *, continuous: bool, ignore_eos: bool = False, n: int | None = None,
+                   graphs: str = "auto"):
     import torch
 
     from harness.engine import Engine
 
     prompts = paper_prompts(lm, w)[: n or w.n]
     seeds = [(i * 0x9E3779B97F4A7C15) & ((1 << 62) - 1) for i in range(len(prompts))]
-    eng = Engine.for_model(lm, continuous=continuous)
+    eng = Engine.for_model(lm, continuous=continuous, graphs=graphs)
     with torch.inference_mode():
         outs = eng.generate(prompts, w.max_new, temperature=1.0, seeds=seeds, stop_ids=paper_stop_ids(lm, w),
                             pad_id=0, ignore_eos=ignore_eos)

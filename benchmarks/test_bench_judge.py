@@ -35,7 +35,7 @@ def judge_setup(bench, tmp_path_factory):
     if lm.model_id == "tiny":
         lm = make_tiny_lm(embedded_model_dir())
     elif lm.tokenizer is None:
-        tok = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+        tok = AutoTokenizer.from_pretrained(_bench.tokenizer_dir())
         prepare_tokenizer(tok)
         lm = LoadedModel(model=lm.model, tokenizer=tok, model_id=lm.model_id, device=lm.device, dtype=lm.dtype,
                          info=lm.info)
@@ -71,21 +71,8 @@ def _judge_once(setup, reuse_prefix: bool):
 
 
 def _floor(setup) -> tuple[float, int]:
-    from harness.core.rubrics import judge_items
-    from harness.models.loading import prompt_ids
-    from harness_plugins.judge_local import NumberTrie, _lcp
-
-    lm, spec = setup["lm"], setup["spec"]
-    tok = lm.tokenizer
-    trie = NumberTrie(tok)
-    tree = len(set(trie.parent[1:]))  # judge_exact=False: the nodes with children
-    by_metric: dict[str, list[list[int]]] = {}
-    for it in judge_items(spec.name, spec.eval_prompt, setup["gens"]):
-        by_metric.setdefault(it.metric, []).append(prompt_ids(tok, [{"role": "user", "content": it.prompt}], thinking=False))
-    tokens = 0
-    for ps in by_metric.values():
-        lp = _lcp(ps)
-        tokens += lp + sum(len(p) - lp + tree for p in ps)
+    lm = setup["lm"]
+    tokens, _ = _bench.judge_work(lm.tokenizer, setup["spec"], setup["gens"], exact=False)
     flops = 2 * _bench.linear_params(lm) * tokens
     return flops / _bench.ceilings(lm)["matmul_flops_per_s"], tokens
 

@@ -43,6 +43,14 @@ hook reads from the call's keyword arguments, so every position mode is exact th
 the loop's batch rows to its callers' rows (the engine sorts prompts by length and splits the batch),
 so per-row coefficients are given in the caller's order; under a ``BlockCall`` without ``rows`` they
 are refused.
+
+Per-request steering: ``steer_requests(model, specs)`` takes one ``RequestSteer`` (vectors, layers,
+coef, positions, scale, norms) or None per caller row, so every request of one batched generation
+carries its own steering. Its hooks go on every layer any spec uses; at each call a hook gathers, for
+its batch rows, each row's vector and coefficient and builds the touched positions from each row's own
+position mode. ``steer`` is the case where every row shares one setting: both run the same hook, so a
+request's tokens under ``steer_requests`` equal its tokens alone under ``steer`` with its settings, and a
+None row's equal an unsteered run.
 """
 
 from __future__ import annotations
@@ -196,6 +204,9 @@ def _scaled(vectors: dict[int, Any], scale: str, norms: Any) -> dict[int, Any]:
     return out
 
 
+_ALL, _PROMPT, _RESPONSE = (POSITIONS.index(p) for p in ("all", "prompt", "response"))
+
+
 @dataclass
 class SteeringHandle:
     """What ``steer`` yields: the applied per-layer deltas (for coef 1) and call counters."""
@@ -211,38 +222,87 @@ class SteeringHandle:
         return self.directions[layer] * coef
 
 
-@contextlib.contextmanager
-def steer(model_or_lm: Any, vectors: Any, coef: Any = 1.0, *, layers: int | Sequence[int] | None = None,
-          positions: str = "response", scale: str = "raw", norms: Any = None,
-          skip_padding: bool = True) -> Iterator[SteeringHandle]:
-    """Add ``coef * v`` at the given layer(s) while the ``with`` block runs; hooks always removed.
+@dataclass(frozen=True, eq=False)
+class RequestSteer:
+    """The steering of one request in a batch (see ``steer_requests``).
 
-    ``vectors``: ``{L: tensor[H]}``, or a tensor ``[H]`` / ``[num_layers + 1, H]`` with ``layers``.
-    ``coef``: number, per-row numbers, or ``{L: number | per-row numbers}``. See the module doc for
-    ``positions``, ``scale``, ``norms`` and padding.
+    ``vectors``: ``{L: tensor[H]}``, or a tensor ``[H]`` / ``[num_layers + 1, H]`` with ``layers``;
+    ``coef``: a number, or ``{L: number}`` (layers left out get 0); ``positions`` one of ``POSITIONS``,
+    ``scale`` one of ``SCALES``, ``norms`` the mean activation norms ``scale="mean_norm"`` needs. The
+    meaning of every field is the one of the same argument of ``steer``.
     """
+
+    vectors: Any
+    coef: float | Mapping[int, float] = 1.0
+    layers: int | Sequence[int] | None = None
+    positions: str = "response"
+    scale: str = "raw"
+    norms: Any = None
+
+    def __post_init__(self) -> None:
+        import math
+        import numbers
+
+        if self.positions not in POSITIONS:
+            raise HarnessError(f"RequestSteer field 'positions': {self.positions!r} is not one of "
+                               f"{', '.join(POSITIONS)}. Fix: positions='response' (the paper's) or another of them")
+        if self.scale not in SCALES:
+            raise HarnessError(f"RequestSteer field 'scale': {self.scale!r} is not one of {', '.join(SCALES)}. "
+                               "Fix: scale='raw' (units of the mean difference) or another of them")
+        coefs = self.coef.values() if isinstance(self.coef, Mapping) else [self.coef]
+        for c in coefs:
+            if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c):
+                raise HarnessError(f"RequestSteer field 'coef': {self.coef!r} is not a finite number (or a dict "
+                                   "{layer: finite number}). Fix: give one coefficient per request, e.g. coef=2.0")
+        if self.layers is not None and not isinstance(self.layers, int):
+            object.__setattr__(self, "layers", tuple(int(L) for L in self.layers))
+
+
+@dataclass
+class RequestSteeringHandle:
+    """What ``steer_requests`` yields: the steered layers, the number of requests, call counters."""
+
+    layers: list[int]
+    requests: int
+    calls: int = 0  # forward calls of steered blocks
+    steered_positions: int = 0  # (row, position) pairs that got a nonzero coefficient
+
+
+@dataclass
+class _Plan:
+    """What the hook on one layer adds.
+
+    Shared (``index`` None): every batch row gets ``coef * vectors[0]`` at the positions of mode
+    ``mode``. Per row: caller row ``i`` gets ``coef[i] * vectors[index[i]]`` at the positions of mode
+    ``mode[i]``; the batch rows are mapped to caller rows as the module doc says.
+    """
+
+    vectors: Any  # float32 [K, H]
+    coef: Any  # float (shared) or float32 [N]
+    mode: Any  # int (shared) or long [N]: index into POSITIONS
+    index: Any = None  # long [N] into vectors, per-row plans only
+    order_error: str = ""  # per-row plan under a loop that does not say its row order
+    count_error: str = ""  # per-row plan of the wrong length: format(batch=, shape=)
+
+
+def _position_weights(mode, B: int, T: int, prefill: bool | None, mask, device):
+    """Bool ``[B, T]``: the (row, position) pairs each row's position mode touches in this call."""
+    m = mode[:, None]
+    sel = (m == _ALL).expand(B, T).clone()
+    if prefill if prefill is not None else T > 1:  # a prefill call (or, not knowing, a call of several tokens)
+        sel |= m == _PROMPT
+    sel[:, -1] |= mode == _RESPONSE
+    if mask is not None and mask.shape[0] == B and mask.shape[1] >= T:
+        sel &= mask[:, -T:].to(device).bool()
+    return sel
+
+
+@contextlib.contextmanager
+def _steering_hooks(model: Any, plans: Mapping[int, _Plan], handle: Any, skip_padding: bool) -> Iterator[None]:
+    """Install the steering hook of every plan's layer (and the owner hooks that read mask and cache)."""
     import torch
 
-    if positions not in POSITIONS:
-        raise HarnessError(f"positions {positions!r} is not one of {', '.join(POSITIONS)}")
-    model = _model_of(model_or_lm)
     blocks, owner = find_decoder_layers(model)
-    vecs = _scaled(normalize_vectors(vectors, layers, model), scale, norms)
-    coefs: dict[int, Any] = {}
-    for L in vecs:
-        c = coef.get(L, 0.0) if isinstance(coef, Mapping) else coef
-        if isinstance(c, (int, float)):
-            coefs[L] = float(c)
-        else:
-            t = torch.as_tensor(c, dtype=torch.float32).flatten()
-            if not torch.isfinite(t).all():
-                raise HarnessError("coefficients must be finite")
-            coefs[L] = t
-    if isinstance(coef, Mapping):
-        extra = set(coef) - set(vecs)
-        if extra:
-            raise HarnessError(f"coef has layers {sorted(extra)} that have no vector (layers: {sorted(vecs)})")
-    handle = SteeringHandle(layers=sorted(vecs), positions=positions, scale=scale, directions=vecs)
     state: dict[str, Any] = {"mask": None, "past": None}
     cache: dict[tuple, Any] = {}
 
@@ -263,56 +323,70 @@ def steer(model_or_lm: Any, vectors: Any, coef: Any = 1.0, *, layers: int | Sequ
     def owner_post(module, args, kwargs, output):
         state["mask"], state["past"] = None, None
 
+    def on_device(L: int, plan: _Plan, device, dtype):
+        key = (L, device, dtype)
+        if key not in cache:
+            t = {"vectors": plan.vectors.to(device=device, dtype=dtype)}
+            if plan.index is not None:
+                t.update(index=plan.index.to(device), coef=plan.coef.to(device), mode=plan.mode.to(device))
+            cache[key] = t
+        return cache[key]
+
+    def caller_rows(rows, n: int, device):
+        key = ("rows", device, n)
+        hit = cache.get(key)
+        if hit is None or (hit[0] is not rows and hit[0] != rows):
+            r = torch.as_tensor(rows, dtype=torch.long, device=device)
+            if len(rows) and int(r.max()) >= n:
+                raise HarnessError(f"the generation loop says a batch row is caller row {int(r.max())}, but the "
+                                   f"steering has values for {n} rows")
+            hit = cache[key] = (rows, r, r >= 0, r.clamp(min=0))  # row -1: an empty row (no request)
+        return hit[1:]
+
     def make_hook(L: int):
+        plan = plans[L]
+
         def hook(module, args, kwargs, output):
             h = output[0] if isinstance(output, tuple) else output
             if not torch.is_tensor(h) or h.dim() != 3:
                 raise HarnessError(f"model.layers[{L - 1}] returned {type(h).__name__} of shape "
                                    f"{getattr(h, 'shape', None)}; expected [batch, seq, hidden]")
             B, T, _ = h.shape
-            key = (L, h.device, h.dtype)
-            if key not in cache:
-                cache[key] = vecs[L].to(device=h.device, dtype=h.dtype)
-            v = cache[key]
-            c = coefs[L]
+            dev = h.device
             handle.calls += 1
             direct = block_call_of(kwargs)  # set when a loop calls the blocks itself (the engine)
-            if isinstance(c, float):
-                if c == 0.0:
+            t = on_device(L, plan, dev, h.dtype)
+            if plan.index is None:
+                if plan.coef == 0.0:
                     return None
-                row = torch.full((B,), c, dtype=torch.float32, device=h.device)
+                coef = torch.full((B,), plan.coef, dtype=torch.float32, device=dev)
+                mode = torch.full((B,), plan.mode, dtype=torch.long, device=dev)
+                v = t["vectors"][0]
             elif direct is not None and direct.rows is None:
-                raise HarnessError(f"coef for layer {L} has per-row values, but this generation loop calls the "
-                                   "blocks itself without telling which request each batch row is (its row order is "
-                                   "not the caller's). Fix: give one coefficient per call (one steering cell per "
-                                   "generate call), or pass rows= in the loop's harness.models.blockcall.BlockCall")
+                raise HarnessError(plan.order_error)
             else:
+                N = plan.coef.numel()
                 rows = direct.rows if direct is not None else None
-                n = (direct.n if direct.n is not None else c.numel()) if direct is not None else B
-                if c.numel() != n or (rows is not None and len(rows) != B):
-                    raise HarnessError(f"coef for layer {L} has {c.numel()} per-row values but the batch has "
-                                       f"{n} rows (hidden states {tuple(h.shape)})")
-                row = (c if rows is None else c[torch.as_tensor(rows, dtype=torch.long)]).to(h.device)
-            # which (row, position) pairs to touch
-            sel = torch.zeros((B, T), dtype=torch.bool, device=h.device)
+                n = (direct.n if direct.n is not None else N) if direct is not None else B
+                if N != n or (rows is not None and len(rows) != B):
+                    raise HarnessError(plan.count_error.format(batch=n, shape=tuple(h.shape)))
+                if rows is None:  # HF's own forward: batch row i is caller row i
+                    coef, mode, idx = t["coef"], t["mode"], t["index"]
+                else:
+                    _, real, r0 = caller_rows(rows, N, dev)
+                    coef = torch.where(real, t["coef"][r0], 0.0)
+                    mode, idx = t["mode"][r0], t["index"][r0]
+                v = t["vectors"][idx][:, None, :]
             if direct is not None:
                 prefill = direct.prefill
                 mask = direct.mask if skip_padding else None
             else:
                 prefill = state["past"] == 0 if state["past"] is not None else None
                 mask = state["mask"]
-            if positions == "all":
-                sel[:] = True
-            elif positions == "prompt":
-                if prefill if prefill is not None else T > 1:
-                    sel[:] = True
-            else:  # response: last position of each call
-                sel[:, -1] = True
-            if mask is not None and mask.shape[0] == B and mask.shape[1] >= T:
-                sel &= mask[:, -T:].to(h.device).bool()
-            w = sel.to(torch.float32) * row[:, None]
-            handle.steered_positions += int((w != 0).sum())
-            if not bool((w != 0).any()):
+            w = _position_weights(mode, B, T, prefill, mask, dev).to(torch.float32) * coef[:, None]
+            touched = int((w != 0).sum())
+            handle.steered_positions += touched
+            if not touched:
                 return None
             new = h + w.to(h.dtype)[..., None] * v
             return (new, *output[1:]) if isinstance(output, tuple) else new
@@ -323,15 +397,141 @@ def steer(model_or_lm: Any, vectors: Any, coef: Any = 1.0, *, layers: int | Sequ
     try:
         handles.append(owner.register_forward_pre_hook(owner_pre, with_kwargs=True))
         handles.append(owner.register_forward_hook(owner_post, with_kwargs=True))
-        for L in handle.layers:
+        for L in sorted(plans):
             # prepend: run before every other forward hook on the block, so hooks that read the block
             # output (HF's output_hidden_states recorders, monitors) see the steered stream
             # with_kwargs: a loop that calls the blocks itself passes its BlockCall as a keyword argument
             handles.append(blocks[L - 1].register_forward_hook(make_hook(L), prepend=True, with_kwargs=True))
-        yield handle
+        yield
     finally:
         for hd in handles:
             hd.remove()
+
+
+@contextlib.contextmanager
+def steer(model_or_lm: Any, vectors: Any, coef: Any = 1.0, *, layers: int | Sequence[int] | None = None,
+          positions: str = "response", scale: str = "raw", norms: Any = None,
+          skip_padding: bool = True) -> Iterator[SteeringHandle]:
+    """Add ``coef * v`` at the given layer(s) while the ``with`` block runs; hooks always removed.
+
+    ``vectors``: ``{L: tensor[H]}``, or a tensor ``[H]`` / ``[num_layers + 1, H]`` with ``layers``.
+    ``coef``: number, per-row numbers, or ``{L: number | per-row numbers}``. See the module doc for
+    ``positions``, ``scale``, ``norms`` and padding.
+    """
+    import torch
+
+    if positions not in POSITIONS:
+        raise HarnessError(f"positions {positions!r} is not one of {', '.join(POSITIONS)}")
+    model = _model_of(model_or_lm)
+    vecs = _scaled(normalize_vectors(vectors, layers, model), scale, norms)
+    coefs: dict[int, Any] = {}
+    for L in vecs:
+        c = coef.get(L, 0.0) if isinstance(coef, Mapping) else coef
+        if isinstance(c, (int, float)):
+            coefs[L] = float(c)
+        else:
+            t = torch.as_tensor(c, dtype=torch.float32).flatten()
+            if not torch.isfinite(t).all():
+                raise HarnessError("coefficients must be finite")
+            coefs[L] = t
+    if isinstance(coef, Mapping):
+        extra = set(coef) - set(vecs)
+        if extra:
+            raise HarnessError(f"coef has layers {sorted(extra)} that have no vector (layers: {sorted(vecs)})")
+    mode = POSITIONS.index(positions)
+    plans = {}
+    for L, v in vecs.items():
+        c = coefs[L]
+        if isinstance(c, float):
+            plans[L] = _Plan(v[None], c, mode)
+        else:
+            N = c.numel()
+            plans[L] = _Plan(
+                v[None], c, torch.full((N,), mode, dtype=torch.long), index=torch.zeros(N, dtype=torch.long),
+                order_error=(f"coef for layer {L} has per-row values, but this generation loop calls the blocks itself "
+                             "without telling which request each batch row is (its row order is not the caller's). "
+                             "Fix: give one coefficient per call (one steering cell per generate call), or pass rows= "
+                             "in the loop's harness.models.blockcall.BlockCall"),
+                count_error=(f"coef for layer {L} has {N} per-row values but the batch has {{batch}} rows "
+                             "(hidden states {shape})"))
+    handle = SteeringHandle(layers=sorted(vecs), positions=positions, scale=scale, directions=vecs)
+    with _steering_hooks(model, plans, handle, skip_padding):
+        yield handle
+
+
+def _request_vectors(i: int, spec: RequestSteer, model: Any, done: dict) -> dict[int, Any]:
+    """The scaled vectors of ``specs[i]``, shared by specs with the same vectors, layers, scale and norms."""
+    key = (id(spec.vectors), spec.layers, spec.scale, id(spec.norms))
+    if key not in done:
+        try:
+            done[key] = _scaled(normalize_vectors(spec.vectors, spec.layers, model), spec.scale, spec.norms)
+        except HarnessError as e:
+            raise HarnessError(f"steer_requests specs[{i}]: {e}") from None
+    vecs = done[key]
+    if isinstance(spec.coef, Mapping):
+        extra = set(spec.coef) - set(vecs)
+        if extra:
+            raise HarnessError(f"steer_requests specs[{i}]: field 'coef' has layers {sorted(extra)} that have no "
+                               f"vector (layers: {sorted(vecs)})")
+    return vecs
+
+
+@contextlib.contextmanager
+def steer_requests(model_or_lm: Any, specs: Sequence[RequestSteer | None], *,
+                   skip_padding: bool = True) -> Iterator[RequestSteeringHandle]:
+    """Steer each request of a batched generation with its own ``RequestSteer`` (None: unsteered).
+
+    ``specs[i]`` belongs to the caller's row ``i``: the ``i``-th row of the batch under HF ``generate``,
+    the ``i``-th prompt given to a loop that calls the blocks itself and says which caller row each of
+    its batch rows is (``BlockCall.rows``, as ``harness.engine`` does). Each row gets its own vectors,
+    layers, coefficient, position mode and scale, with the rule ``steer`` applies, so its tokens equal a
+    run of that request alone under ``steer`` with its settings, and a None row's equal an unsteered
+    run. Hooks go on every layer any spec uses and are always removed.
+    """
+    import torch
+
+    model = _model_of(model_or_lm)
+    specs = list(specs)
+    N = len(specs)
+    done: dict = {}
+    per_request: list[tuple[dict[int, Any], RequestSteer] | None] = []
+    for i, spec in enumerate(specs):
+        if spec is None:
+            per_request.append(None)
+        elif not isinstance(spec, RequestSteer):
+            raise HarnessError(f"steer_requests specs[{i}] is a {type(spec).__name__}. Fix: give one RequestSteer "
+                               "(or None: unsteered) per request")
+        else:
+            per_request.append((_request_vectors(i, spec, model, done), spec))
+    layers = sorted({L for pr in per_request if pr is not None for L in pr[0]})
+    plans = {}
+    for L in layers:
+        table: dict[int, int] = {}  # id(vector) -> row of the layer's vector table
+        vectors = []
+        index = torch.zeros(N, dtype=torch.long)
+        coef = torch.zeros(N, dtype=torch.float32)
+        mode = torch.full((N,), _RESPONSE, dtype=torch.long)
+        for i, pr in enumerate(per_request):
+            if pr is None or L not in pr[0]:
+                continue
+            v, spec = pr[0][L], pr[1]
+            if id(v) not in table:
+                table[id(v)] = len(vectors)
+                vectors.append(v)
+            index[i] = table[id(v)]
+            coef[i] = float(spec.coef.get(L, 0.0) if isinstance(spec.coef, Mapping) else spec.coef)
+            mode[i] = POSITIONS.index(spec.positions)
+        plans[L] = _Plan(
+            torch.stack(vectors), coef, mode, index=index,
+            order_error=("steer_requests steers each request on its own, but this generation loop calls the blocks "
+                         "itself without telling which request each batch row is (its row order is not the caller's). "
+                         "Fix: pass rows= in the loop's harness.models.blockcall.BlockCall, or steer one setting per "
+                         "generate call with steer(...)"),
+            count_error=(f"steer_requests got {N} specs (one per request) but the batch has {{batch}} rows (hidden "
+                         "states {shape}). Fix: give one RequestSteer or None per request, in the order of the requests"))
+    handle = RequestSteeringHandle(layers=layers, requests=N)
+    with _steering_hooks(model, plans, handle, skip_padding):
+        yield handle
 
 
 # -- mean activation norms (for scale="mean_norm") ------------------------------------------------

@@ -1,18 +1,19 @@
 """Steering sweep: layers x coefficients over the evaluation questions, judged for trait and coherence.
 
 Each cell (layer, coef) generates answers to the first ``n_questions`` evaluation questions (no
-system prompt, as in the paper's steering evaluation) with ``steer(..., positions, scale)`` active,
-then the configured judge scores trait and coherence *after* the hooks are removed (the local judge
+system prompt, as in the paper's steering evaluation) with its steering (layer, coef, positions,
+scale) active, then the configured judge scores trait and coherence *after* the hooks are removed (the local judge
 may be the steered model itself). Coefficient 0 is the same for every layer, so it is generated once
 and shared as every layer's baseline.
 
 Efficiency: with the built-in generators every cell's rows go through the generator together in
-batches (one row = one question x sample x cell), with a per-row coefficient per layer given in
-request order: ``hf`` keeps that order in its batch, and the ``fast`` engine, which sorts prompts by
-length and splits batches by free memory, tells the steering hooks which request each of its rows is
-(``harness.models.blockcall.BlockCall``). Any other generator (which may reorder rows without saying so)
-gets one generate call per cell, with scalar coefficients; a generator can declare
-``steer_per_row = True`` to be batched. A row's tokens do not depend on its batch (seeded per request
+batches (one row = one question x sample x cell), each row with its own
+``harness.analysis.steering.RequestSteer`` (the cell's layer, coef, positions, scale) under
+``steer_requests``, given in request order: ``hf`` keeps that order in its batch, and the ``fast``
+engine, which sorts prompts by length and splits batches by free memory, tells the steering hooks which
+request each of its rows is (``harness.models.blockcall.BlockCall``). Any other generator (which may
+reorder rows without saying so) gets one generate call per cell under ``steer``; a generator can
+declare ``steer_per_row = True`` to be batched. A row's tokens do not depend on its batch (seeded per request
 id), and each question uses the same request id in every cell, so all cells see the same sampling
 noise (common random numbers) and differences come from steering.
 Generations are cached with the steering spec (layer, coef, positions, scale, vector hash) in the key.
@@ -113,7 +114,7 @@ def load_run_trait(run_dir: str | Path, settings, pm):
     return spec
 
 
-# generators whose batches keep per-row steering coefficients on their requests (see the module doc)
+# generators whose batches keep per-row steering on their requests (see the module doc)
 PER_ROW_GENERATORS = ("hf", "fast")
 # bumped when steered generations cached under the same spec were wrong: 2 = per-row coefficients on the
 # fast generator's rows (before, its length sort put coefficients on other rows)
@@ -135,7 +136,7 @@ def steered_generate(ctx, generator, requests: Sequence, cells: Sequence[tuple[i
 
     from harness.core.pipeline import generation_key
     from harness.core.records import Generation
-    from harness.analysis.steering import steer
+    from harness.analysis.steering import RequestSteer, steer, steer_requests
 
     if not getattr(generator, "needs_model", True):
         raise HarnessError(f"generator {generator.name!r} does not run the in-process model, so hooks cannot steer "
@@ -162,21 +163,23 @@ def steered_generate(ctx, generator, requests: Sequence, cells: Sequence[tuple[i
     todo = [row for row in rows if row[2] not in done]
     bs = (batch_size or generator.batch_size(ctx)) if todo else 1
     per_row = bool(getattr(generator, "steer_per_row", generator.name in PER_ROW_GENERATORS))
-    # per_row: cells share batches (per-row coefficients); else one cell per generate call (scalar coefficients)
+    # per_row: cells share batches (one RequestSteer per row); else one cell per generate call (one steer setting)
     groups = [todo] if per_row else [[row for row in todo if row[0] == cell] for cell in uniq]
     chunks = [g[a: a + bs] for g in groups for a in range(0, len(g), bs)]
     t0 = time.perf_counter()
     n_done = 0
+    by_layer = {L: {L: vectors[L]} for L in layers}  # one vector dict per layer: its cells share one vector
+    specs = {cell: RequestSteer(by_layer[cell[0]], coef=cell[1], positions=positions, scale=scale, norms=norms)
+             for cell in uniq if cell[0] is not None}
     for chunk in chunks:
         reqs = [r for _, r, _ in chunk]
-        steered = sorted({cl for (cl, _), _, _ in chunk if cl is not None})
-        if steered:
-            if per_row:
-                coef = {L: [c if cl == L else 0.0 for (cl, c), _, _ in chunk] for L in steered}
-            else:
-                coef = {L: chunk[0][0][1] for L in steered}  # one cell: one layer, one number
-            with steer(lm, {L: vectors[L] for L in steered}, coef, positions=positions, scale=scale,
-                       norms=norms) as h:
+        if any(cell[0] is not None for cell, _, _ in chunk):
+            if per_row:  # every row with its own cell's steering, in request order
+                hooks = steer_requests(lm, [specs.get(cell) for cell, _, _ in chunk])
+            else:  # one cell: one layer, one number
+                (L, c) = chunk[0][0]
+                hooks = steer(lm, by_layer[L], c, positions=positions, scale=scale, norms=norms)
+            with hooks as h:
                 gens = generator.generate(reqs, ctx)
             if h.calls == 0:
                 raise HarnessError(f"generator {generator.name!r} never ran the steered model's blocks; steering had "

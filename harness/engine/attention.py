@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from harness.models.blockcall import block_call_of
+
 ATTN_NAME = "harness_engine"
 _REGISTERED: set[str] = set()
 
@@ -33,9 +35,11 @@ def probs_eager(s, mask, scale: float, dt, softcap: float | None = None):
 
 
 def engine_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                     softcap=None, probs=None, **kwargs):
+                     softcap=None, probs=None, decode=None, **kwargs):
     """GQA attention over the static cache. ``attention_mask`` is additive ``[B, 1, Q, K]`` (0 / min);
-    ``probs`` the softmax (``probs_eager`` or a fused version of it)."""
+    ``probs`` the softmax (``probs_eager`` or a fused version of it); ``decode`` a fused one-token attention
+    (``kernels.Fused.decode``: reads each row's first ``BlockCall.kv_lengths`` slots only; returns None
+    where it does not apply)."""
     import torch
 
     probs = probs or probs_eager
@@ -43,6 +47,11 @@ def engine_attention(module, query, key, value, attention_mask, dropout: float =
     Hk = key.shape[1]
     g = Hq // Hk
     scale = float(scaling if scaling is not None else D ** -0.5)
+    if Q == 1 and decode is not None and softcap is None:
+        call = block_call_of(kwargs)
+        o = decode(query, key, value, attention_mask, None if call is None else call.kv_lengths, scale)
+        if o is not None:
+            return o, None
     if Q == 1:
         qg = query.reshape(B, Hk, g, D)
         s = torch.matmul(qg, key.transpose(-1, -2))  # [B, Hk, g, K]
@@ -71,8 +80,8 @@ def attention_name(fused: Any = None) -> str:
     if fused is None:
         name, fn = ATTN_NAME, engine_attention
     else:
-        name = f"{ATTN_NAME}_fused_{'compiled' if fused.compile else 'eager'}"
-        fn = functools.partial(engine_attention, probs=fused.probs)
+        name = f"{ATTN_NAME}_fused_{fused.mode}"
+        fn = functools.partial(engine_attention, probs=fused.probs, decode=fused.decode if fused.triton else None)
     if name not in _REGISTERED:
         AttentionInterface.register(name, fn)
         _REGISTERED.add(name)

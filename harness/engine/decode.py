@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -70,7 +71,8 @@ class Slot:
         self.step = torch.zeros(1, dtype=torch.long, device=dev)
         self.seeds = torch.zeros(B, dtype=torch.long, device=dev)
         self.wpos = torch.zeros(1, dtype=torch.long, device=dev)
-        self.stops = None
+        self.stops = None  # stop table (``Decoder.stop_table``) of ``stop_key``
+        self.stop_key = None
         self.out = torch.zeros(B, max_new, dtype=torch.long, device=dev)
         self.graphs: dict = {}
         self.pool = None
@@ -99,6 +101,17 @@ class Decoder:
         self.cache_kw = cache_kwarg(self.base.layers[0])
         self.min_val = torch.finfo(torch.float32).min
         self.slot: Slot | None = None
+
+    def stop_table(self, stop_key: tuple[int, ...]):
+        """Bool ``[V]`` table, True at the stop ids: ``table[tokens]`` is a gather, which a CUDA graph can
+        capture (``torch.isin`` against a few hundred ids sorts, and invalidates the capture)."""
+        import torch
+
+        head = getattr(self.model.get_output_embeddings(), "weight", None)
+        width = max(self.e.vocab, 0 if head is None else head.shape[0], max(stop_key) + 1)
+        table = torch.zeros(width, dtype=torch.bool, device=self.e.device)
+        table[torch.tensor(stop_key, dtype=torch.long, device=self.e.device)] = True
+        return table
 
     def cache_bytes(self) -> int:
         return self.slot.cache.nbytes() if self.slot is not None else 0
@@ -166,7 +179,7 @@ class Decoder:
 
     def sample(self, logits, seeds, step_t, temperature: float, top_p: float):
         e = self.e
-        if e.fused_compile and temperature > 0 and top_p >= 1.0 and "gumbel" not in e.stats.get("fused_errors", {}):
+        if e.fused_triton and temperature > 0 and top_p >= 1.0 and "gumbel" not in e.stats.get("fused_errors", {}):
             try:
                 return gumbel_argmax_cuda(logits, seeds, step_t, temperature)
             except Exception as ex:
@@ -182,7 +195,7 @@ class Decoder:
         nxt = torch.where(s.done, torch.full_like(nxt, pad), nxt)
         s.out.index_copy_(1, s.step, nxt[:, None])
         if stop_ids is not None:
-            s.done |= torch.isin(nxt, stop_ids)
+            s.done |= stop_ids[nxt]
         s.ids.copy_(nxt[:, None])
         s.pos.add_(1)
         s.cache.write_pos.add_(1)
@@ -231,8 +244,8 @@ class Decoder:
         stop_key = None if ignore_eos or not stop_ids else tuple(sorted(set(int(x) for x in stop_ids)))
         if stop_key is None:
             s.stops = None
-        elif s.stops is None or tuple(s.stops.tolist()) != stop_key:
-            s.stops = torch.tensor(stop_key, dtype=torch.long, device=dev)
+        elif s.stops is None or s.stop_key != stop_key:
+            s.stops, s.stop_key = self.stop_table(stop_key), stop_key
         stops = s.stops
         cache.row_pos = cache.prefill_rows = None  # static layout: every row writes the same slot
         cache.write_pos = torch.arange(P, device=dev)
@@ -245,7 +258,7 @@ class Decoder:
             tok = self.sample(logits, s.seeds, s.step, temperature, top_p)
             s.out[:, 0] = tok
             if stops is not None:
-                s.done |= torch.isin(tok, stops)
+                s.done |= stops[tok]
             s.ids.copy_(tok[:, None])
             s.pos.copy_(pos[:, -1:] + 1)
             s.wpos.fill_(P)
@@ -334,7 +347,7 @@ class Continuous:
         self.temperature, self.top_p, self.pad, self.n = temperature, top_p, pad, n
         self.refill_every = refill_every
         self.stop_key = None if ignore_eos or not stop_ids else tuple(sorted(set(int(x) for x in stop_ids)))
-        self.stops = None if self.stop_key is None else torch.tensor(self.stop_key, dtype=torch.long, device=dev)
+        self.stops = None if self.stop_key is None else dec.stop_table(self.stop_key)
         self.stopset = set(int(x) for x in stop_ids)
         self.ignore_eos = ignore_eos
         s = self.s = dec.get_slot(B, cap, max_new + 1)
@@ -347,6 +360,10 @@ class Continuous:
         self.live = torch.zeros(B, dtype=torch.bool, device=dev)
         self.req: list[int | None] = [None] * B  # the request each row holds
         self.entry: list[tuple[int, int]] = [(0, 0)] * B  # (write slot of its first decode step, global step)
+        # where the loop's time goes (host clock; ``wait_s``: host waiting on the device at refill checks)
+        self.prof = {"rows": B, "steps": 0, "replays": 0, "eager_steps": 0, "captures": 0, "refills": 0,
+                     "entered": 0, "enter_s": 0.0, "wait_s": 0.0, "harvest_s": 0.0, "busy_row_checks": 0,
+                     "row_checks": 0, "loop_s": 0.0}
 
     def kv_needed(self, t: int) -> int:
         """Slots the step ``t`` reads: the furthest row's write slot + 1, rounded up to the bucket."""
@@ -376,7 +393,7 @@ class Continuous:
         tok = dec.sample(logits, seeds_t, torch.zeros(1, dtype=torch.long, device=dev), self.temperature, self.top_p)
         done = torch.zeros(len(rows), dtype=torch.bool, device=dev) | (self.max_new <= 1)
         if self.stops is not None:
-            done |= torch.isin(tok, self.stops)
+            done |= self.stops[tok]
         s.seeds.index_copy_(0, r_t, seeds_t)
         s.out.index_fill_(0, r_t, self.pad)
         s.out[r_t, 0] = tok
@@ -404,7 +421,8 @@ class Continuous:
         for w in dict.fromkeys(dec.windows):
             a = valid if w is None else valid & (s.slots[: cache.kv_len][None, :] > self.wp[:, None] - w)
             masks[w] = torch.where(a, 0.0, dec.min_val)[:, None, None, :]
-        logits = dec.forward(s.ids, s.pos, masks, cache, call)
+        # each row's keys are its slots 0..wp: a fused decode attention reads only those
+        logits = dec.forward(s.ids, s.pos, masks, cache, call.replace(kv_lengths=self.wp + 1))
         nxt = dec.sample(logits, s.seeds, self.stepv, self.temperature, self.top_p)
         was = s.done.clone()
         nxt = torch.where(was, torch.full_like(nxt, self.pad), nxt)
@@ -413,7 +431,7 @@ class Continuous:
         self.stepv.add_(adv)
         done = was | (self.stepv >= self.max_new)
         if self.stops is not None:
-            done |= torch.isin(nxt, self.stops)
+            done |= self.stops[nxt]
         s.done.copy_(done)
         s.ids.copy_(nxt[:, None])
         s.pos.add_(adv[:, None])
@@ -421,10 +439,16 @@ class Continuous:
         at = self.wp.clamp(max=self.cap - 1)[:, None]
         s.valid.scatter_(1, at, s.valid.gather(1, at) | (~was)[:, None])
 
-    def harvest(self, rows: list[int], out_rows, steps, results: dict) -> None:
-        for r in rows:
+    def harvest(self, rows: list[int], results: dict) -> None:
+        """Copy the finished ``rows``' tokens to the host (those rows only) and free the rows."""
+        import torch
+
+        idx = torch.tensor(rows, dtype=torch.long, device=self.e.device)
+        out_rows = self.s.out.index_select(0, idx).tolist()
+        steps = self.stepv.index_select(0, idx).tolist()
+        for k, r in enumerate(rows):
             q = self.req[r]
-            row = out_rows[r][: steps[r]]
+            row = out_rows[k][: steps[k]]
             cut = next((k for k, x in enumerate(row) if x in self.stopset), None) if not self.ignore_eos else None
             results[q] = GenOutput(row[:cut], "stop") if cut is not None else GenOutput(row[: self.max_new], "length")
             self.req[r] = None
@@ -436,20 +460,26 @@ class Continuous:
         dec, e, s = self.dec, self.e, self.s
         queue = list(queue)
         call = BlockCall(mask=None, prefill=False, rows=None, n=self.n)
+        t0 = time.perf_counter()
         try:
             with torch.inference_mode(), e.attention(), e.fused_ctx():
                 self._loop(queue, prompts, seeds, results, call)
         finally:
             self.cache.row_pos = None
             self.cache.prefill_rows = None
+            self.prof["loop_s"] = time.perf_counter() - t0
+            e.stats["continuous"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.prof.items()}
         e.note_fused()
 
     def _loop(self, queue, prompts, seeds, results, call) -> None:
-        dec, s = self.dec, self.s
+        dec, s, prof = self.dec, self.s, self.prof
         if True:
             first = queue[: self.B]
             del queue[: len(first)]
+            tp = time.perf_counter()
             self.enter(list(range(len(first))), first, prompts, seeds, 1, call)
+            prof["enter_s"] += time.perf_counter() - tp
+            prof["entered"] += len(first)
             self.cache.row_pos = self.wp
             call = call.replace(rows=tuple(q if q is not None else -1 for q in self.req))
             use_graphs = dec.use_graphs()
@@ -467,15 +497,25 @@ class Continuous:
                 due = min((t0 + self.max_new - 1 for (_, t0), r in zip(self.entry, self.req) if r is not None),
                           default=t)
                 if t % self.refill_every == 0 or due <= t:
+                    tp = time.perf_counter()
                     done = s.done.tolist()
+                    prof["wait_s"] += time.perf_counter() - tp
                     fin = [r for r in range(self.B) if self.req[r] is not None and done[r]]
+                    prof["row_checks"] += self.B
+                    prof["busy_row_checks"] += sum(1 for r in range(self.B) if self.req[r] is not None) - len(fin)
                     if fin:
-                        self.harvest(fin, s.out.tolist(), self.stepv.tolist(), results)
+                        tp = time.perf_counter()
+                        self.harvest(fin, results)
+                        prof["harvest_s"] += time.perf_counter() - tp
                     free = [r for r in range(self.B) if self.req[r] is None]
                     if free and queue:
                         take = queue[: len(free)]
                         del queue[: len(take)]
+                        tp = time.perf_counter()
                         self.enter(free[: len(take)], take, prompts, seeds, t, call)
+                        prof["enter_s"] += time.perf_counter() - tp
+                        prof["entered"] += len(take)
+                        prof["refills"] += 1
                         self.cache.row_pos = self.wp
                         call = call.replace(rows=tuple(q if q is not None else -1 for q in self.req))
                     if all(r is None for r in self.req):
@@ -483,14 +523,18 @@ class Continuous:
                 kv = self.kv_needed(t)
                 self.cache.kv_len = kv
                 g = s.graphs.get(kv) if use_graphs else None
+                prof["steps"] += 1
                 if g is not None:
                     g.replay()
+                    prof["replays"] += 1
                 elif use_graphs:
                     g = self.capture(kv, call)
+                    prof["captures"] += 1
                     if g is None:
                         use_graphs = False
                 else:
                     self.step(call)
+                    prof["eager_steps"] += 1
 
     def capture(self, kv: int, call: BlockCall):
         """As ``Decoder.capture``: warm-up step on a side stream, then capture the next step."""

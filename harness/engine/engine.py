@@ -48,13 +48,17 @@ class Engine:
         self.vocab = int(cfg.vocab_size)
         self.inter = int(getattr(cfg, "intermediate_size", 4 * self.hidden))
         self.graphs = graphs
-        # fused: "auto" (compiled kernels + fused Gumbel sampling on CUDA, nothing on CPU), "compile" (same),
-        # "eager" (swap in the same functions uncompiled: CPU tests of the swap), "off"
-        if fused not in ("auto", "compile", "eager", "off"):
-            raise ValueError(f"Engine(fused={fused!r}): use 'auto', 'compile', 'eager' or 'off'")
+        # fused: "auto" / "compile" (on CUDA: the Triton decode attention and Gumbel sampling, plus Inductor-
+        # compiled elementwise pieces; nothing on CPU), "triton" (the Triton kernels only: no Inductor compile,
+        # a cheap first call), "eager" (the same swap uncompiled: CPU tests of the swap), "off"
+        if fused not in ("auto", "compile", "triton", "eager", "off"):
+            raise ValueError(f"Engine(fused={fused!r}): use 'auto', 'compile', 'triton', 'eager' or 'off'")
         self.fused = fused
-        self.fused_compile = fused in ("auto", "compile") and self.device.type == "cuda"
-        self.fused_swap = self.fused == "eager" or self.fused_compile
+        cuda = self.device.type == "cuda"
+        self.fused_compile = fused in ("auto", "compile") and cuda
+        self.fused_triton = fused in ("auto", "compile", "triton") and cuda
+        self.fused_swap = self.fused == "eager" or self.fused_triton
+        self.fused_mode = "compile" if self.fused_compile else "triton" if self.fused_triton else "eager"
         self.kv_bucket = kv_bucket
         self.max_batch = max_batch
         # continuous batching: a finished row takes the next request (checked every refill_every steps)
@@ -100,13 +104,13 @@ class Engine:
     # ------------------------------------------------------------- what the passes run under
     def attention(self) -> AttnSwap:
         """The engine's attention on every config of the model (fused softmax when the swap is on)."""
-        return AttnSwap(self.model, attention_name(fused_impl(self.fused_compile) if self.fused_swap else None))
+        return AttnSwap(self.model, attention_name(fused_impl(self.fused_mode) if self.fused_swap else None))
 
     def fused_ctx(self, exact_norm: bool = False) -> FusedSwap:
-        return FusedSwap(self.model, compile=self.fused_compile, enabled=self.fused_swap, exact_norm=exact_norm)
+        return FusedSwap(self.model, self.fused_mode, enabled=self.fused_swap, exact_norm=exact_norm)
 
     def note_fused(self) -> None:
-        errs = fused_impl(self.fused_compile).errors
+        errs = fused_impl(self.fused_mode).errors
         if errs:
             self.stats.setdefault("fused_errors", {}).update(errs)
 

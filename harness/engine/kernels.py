@@ -4,8 +4,11 @@
   (graph-safe), same integer hash and float ops, so the same tokens;
 * ``gumbel_argmax_cuda``: temperature > 0, top_p == 1 as one Triton kernel (hash noise + Gumbel +
   block argmax), bit-identical to ``harness.models.sampling`` on the same device;
-* ``Fused``: RMSNorm, SwiGLU, rotary and the decode softmax via ``torch.compile``
+* ``decode_attention_cuda``: one-token attention as Triton kernels, each row reading only its own
+  ``BlockCall.kv_lengths`` slots (continuous batching: rows of very different lengths share a step);
+* ``Fused``: the Triton kernels and RMSNorm, SwiGLU, rotary and the decode softmax via ``torch.compile``
   (``emulate_precision_casts``); a function whose compile or first run fails is eager from then on;
+  compiled artifacts persist under ``compile_cache_dirs()``;
 * ``FusedSwap``: swaps those in only while the engine runs (norm / MLP ``forward`` as instance
   attributes, the attention modules' ``apply_rotary_pos_emb``); the decode softmax is picked by the
   attention name (``attention.attention_name(fused)``). Extraction keeps torch's own mean-of-squares
@@ -45,6 +48,7 @@ def _gumbel_kernel():
     ``harness.models.sampling`` on CUDA (where ``x / T`` runs as ``x * (1/T)``; FMA contraction off)."""
     if "k" in _GUMBEL:
         return _GUMBEL["k"]
+    compile_cache_dirs()
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
@@ -103,6 +107,143 @@ def gumbel_argmax_cuda(logits, seeds, step_t, temperature: float, block: int = 2
     return pi.gather(1, pv.argmax(dim=1, keepdim=True)).squeeze(1)
 
 
+# ------------------------------------------------------------------------ decode attention
+_DECODE: dict = {}
+
+
+def _decode_kernels():
+    """Triton kernels of one-token (decode) attention over the static cache, each row reading only its
+    first ``lengths[b]`` slots: a program per (row, K/V head, split of the slots) with an online softmax
+    over blocks of slots (the GQA query heads of one K/V head share each loaded block), and a combine
+    kernel over the splits."""
+    if "k" in _DECODE:
+        return _DECODE["k"]
+    compile_cache_dirs()
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def decode_split(Q, K, V, M, LEN, MO, ML, MA, O, sqb, sqh, skb, skh, skn, svb, svh, svn, smb, smn, sob, soh,
+                     scale, kv_cap, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DIRECT: tl.constexpr, HAS_LEN: tl.constexpr):
+        b = tl.program_id(0)
+        hk = tl.program_id(1)
+        sp = tl.program_id(2)
+        n_hk = tl.num_programs(1)
+        n_sp = tl.num_programs(2)
+        length = kv_cap
+        if HAS_LEN:
+            length = tl.minimum(tl.load(LEN + b).to(tl.int32), kv_cap)
+        start = sp * SPLIT
+        end = tl.minimum(start + SPLIT, length)
+        og = tl.arange(0, GP)
+        od = tl.arange(0, DP)
+        gm = og < G
+        dm = od < D
+        b64 = b.to(tl.int64)
+        q = tl.load(Q + b64 * sqb + (hk * G + og)[:, None] * sqh + od[None, :], mask=gm[:, None] & dm[None, :],
+                    other=0.0)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, DP], tl.float32)
+        kb = K + b64 * skb + hk.to(tl.int64) * skh
+        vb = V + b64 * svb + hk.to(tl.int64) * svh
+        for n in range(start, end, BLOCK_N):
+            on = n + tl.arange(0, BLOCK_N)
+            nm = on < end
+            k = tl.load(kb + on[:, None].to(tl.int64) * skn + od[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
+            sc = tl.dot(q, tl.trans(k)) * scale
+            am = tl.load(M + b64 * smb + on * smn, mask=nm, other=0.0)
+            sc = tl.where(nm[None, :], sc + am[None, :], float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(vb + on[:, None].to(tl.int64) * svn + od[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        if DIRECT:
+            o = acc / l_i[:, None]
+            tl.store(O + b64 * sob + (hk * G + og)[:, None] * soh + od[None, :], o.to(O.dtype.element_ty),
+                     mask=gm[:, None] & dm[None, :])
+        else:
+            base = ((b64 * n_hk + hk) * n_sp + sp) * GP
+            tl.store(MO + base + og, m_i)
+            tl.store(ML + base + og, l_i)
+            tl.store(MA + (base + og)[:, None] * DP + od[None, :], acc)
+
+    @triton.jit
+    def decode_combine(MO, ML, MA, O, sob, soh, n_sp, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                       DP: tl.constexpr):
+        b = tl.program_id(0)
+        hk = tl.program_id(1)
+        n_hk = tl.num_programs(1)
+        og = tl.arange(0, GP)
+        od = tl.arange(0, DP)
+        b64 = b.to(tl.int64)
+        base0 = (b64 * n_hk + hk) * n_sp
+        mx = tl.full([GP], float("-inf"), tl.float32)
+        for s in range(0, n_sp):
+            mx = tl.maximum(mx, tl.load(MO + (base0 + s) * GP + og))
+        num = tl.zeros([GP, DP], tl.float32)
+        den = tl.zeros([GP], tl.float32)
+        for s in range(0, n_sp):
+            base = (base0 + s) * GP
+            w = tl.exp(tl.load(MO + base + og) - mx)
+            den += w * tl.load(ML + base + og)
+            num += w[:, None] * tl.load(MA + (base + og)[:, None] * DP + od[None, :])
+        o = num / den[:, None]
+        tl.store(O + b64 * sob + (hk * G + og)[:, None] * soh + od[None, :], o.to(O.dtype.element_ty),
+                 mask=(og < G)[:, None] & (od < D)[None, :])
+
+    _DECODE["k"] = (decode_split, decode_combine)
+    return _DECODE["k"]
+
+
+def decode_attention_cuda(query, key, value, mask, lengths, scale: float, block_n: int = 64,
+                          target_programs: int = 1024):
+    """One-token attention ``[B, Hq, 1, D]`` over ``key``/``value`` ``[B, Hk, K, D]`` (strided views of the
+    static cache) with the additive ``mask`` ``[B, 1, 1, K]``; row ``b`` reads only slots ``< lengths[b]``
+    (None: all ``K``). Returns ``[B, 1, Hq, D]`` as the engine's attention does (bf16/fp16, CUDA).
+
+    Masked slots inside a row's length count as the eager path counts them (``mask`` added to the scores);
+    slots at or past the length are skipped, which is exact because the mask excludes them there too.
+    The slots are split so that about ``target_programs`` programs run (few rows: more splits)."""
+    import torch
+
+    import triton
+
+    split_k, combine = _decode_kernels()
+    B, Hq, _, D = query.shape
+    Hk, K = key.shape[1], key.shape[2]
+    G = Hq // Hk
+    GP = max(16, triton.next_power_of_2(G))
+    DP = max(16, triton.next_power_of_2(D))
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    n_blocks = triton.cdiv(K, block_n)
+    S = max(1, min(n_blocks, triton.cdiv(target_programs, B * Hk)))
+    split = triton.cdiv(n_blocks, S) * block_n
+    S = triton.cdiv(K, split)
+    out = torch.empty(B, Hq, D, dtype=query.dtype, device=query.device)
+    m2 = mask.reshape(mask.shape[0], mask.shape[-1])
+    if S == 1:
+        mo = ml = ma = out
+    else:
+        mo = torch.empty(B, Hk, S, GP, dtype=torch.float32, device=query.device)
+        ml = torch.empty_like(mo)
+        ma = torch.empty(B, Hk, S, GP, DP, dtype=torch.float32, device=query.device)
+    lens = lengths if lengths is not None else out
+    split_k[(B, Hk, S)](query, key, value, m2, lens, mo, ml, ma, out,
+                        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+                        value.stride(0), value.stride(1), value.stride(2), m2.stride(0), m2.stride(1),
+                        out.stride(0), out.stride(1), float(scale), K, G=G, GP=GP, D=D, DP=DP, BLOCK_N=block_n,
+                        SPLIT=split, DIRECT=S == 1, HAS_LEN=lengths is not None, num_warps=4)
+    if S > 1:
+        combine[(B, Hk)](mo, ml, ma, out, out.stride(0), out.stride(1), S, G=G, GP=GP, D=D, DP=DP, num_warps=4)
+    return out.view(B, 1, Hq, D)
+
+
 # --------------------------------------------------------------------------- fused GPU kernels
 _RMS_CLASSES = {"Qwen2RMSNorm", "LlamaRMSNorm", "MistralRMSNorm", "Qwen3RMSNorm"}
 _MLP_CLASSES = {"Qwen2MLP", "LlamaMLP", "MistralMLP", "Qwen3MLP"}
@@ -140,13 +281,23 @@ def _silu_mul_eager(g, u):
 
 
 class Fused:
-    """torch.compile'd (Inductor/Triton) versions of the small elementwise pieces, made once per process
-    (``fused_impl``). ``compile=False``: the same functions uncompiled (CPU tests of the swapping itself).
+    """The fused pieces the engine swaps in, made once per process and mode (``fused_impl``):
+
+    * ``mode="compile"``: the Triton kernels (``decode_attention_cuda``, ``gumbel_argmax_cuda``) and
+      torch.compile'd (Inductor/Triton) versions of the small elementwise pieces (RMSNorm, SwiGLU, rotary,
+      the decode softmax where the Triton attention does not apply);
+    * ``mode="triton"``: the Triton kernels only; the elementwise pieces run eagerly (nothing for Inductor
+      to compile: a cheap first call);
+    * ``mode="eager"``: every piece uncompiled (CPU tests of the swapping itself).
 
     A function whose compile or first run fails is switched back to eager for good (``errors``)."""
 
-    def __init__(self, compile: bool):
-        self.compile = compile
+    def __init__(self, mode: str):
+        if mode not in ("compile", "triton", "eager"):
+            raise ValueError(f"Fused(mode={mode!r}): use 'compile', 'triton' or 'eager'")
+        self.mode = mode
+        self.compile = mode == "compile"
+        self.triton = mode in ("compile", "triton")
         self.fns: dict = {}
         self.errors: dict[str, str] = {}
 
@@ -157,9 +308,12 @@ class Fused:
         if f is None:
             import torch
 
+            compile_cache_dirs()
             # emulate_precision_casts: round intermediates to bf16 where eager does, so the fused kernels
-            # give eager's values (up to fp32 reduction order / exp ulps), not a more precise variant
-            f = self.fns[key] = torch.compile(eager, dynamic=None, fullgraph=True,
+            # give eager's values (up to fp32 reduction order / exp ulps), not a more precise variant.
+            # dynamic=True: one compile per function for every batch, prompt and KV length (with
+            # dynamic=None the second shape recompiles each of them)
+            f = self.fns[key] = torch.compile(eager, dynamic=True, fullgraph=True,
                                               options={"emulate_precision_casts": True})
         return f
 
@@ -173,34 +327,65 @@ class Fused:
             self.errors[key] = repr(e)[:400]
             return eager(*args)
 
+    def decode(self, query, key, value, mask, lengths, scale: float):
+        """``decode_attention_cuda``, or None (the caller's own path) when it is unavailable or has failed."""
+        if not self.triton or "decode_attention" in self.errors or mask is None or key.stride(-1) != 1 \
+                or query.dtype not in _half_dtypes() or query.device.type != "cuda":
+            return None
+        try:
+            return decode_attention_cuda(query, key, value, mask, lengths, scale)
+        except Exception as e:
+            self.errors["decode_attention"] = repr(e)[:400]
+            return None
+
     def probs(self, s, mask, scale: float, dt, softcap: float | None = None):
         """The decode attention's softmax (``attention.probs_eager``), fused."""
         args = (s, mask, scale, dt) if softcap is None else (s, mask, scale, dt, softcap)
         return self.call("probs", probs_eager, *args)
 
 
-_FUSED: dict[bool, Fused] = {}
+def _half_dtypes():
+    import torch
+
+    return (torch.bfloat16, torch.float16)
 
 
-def fused_impl(compile: bool) -> Fused:
-    """The process's ``Fused`` (compiled functions are made once and shared by every engine)."""
-    f = _FUSED.get(compile)
+_FUSED: dict[str, Fused] = {}
+
+
+def fused_impl(mode) -> Fused:
+    """The process's ``Fused`` of ``mode`` ("compile", "triton", "eager"; True / False: "compile" / "eager"),
+    made once and shared by every engine."""
+    mode = {True: "compile", False: "eager"}.get(mode, mode) if isinstance(mode, bool) else mode
+    f = _FUSED.get(mode)
     if f is None:
-        f = _FUSED[compile] = Fused(compile)
+        f = _FUSED[mode] = Fused(mode)
     return f
+
+
+def compile_cache_dirs() -> None:
+    """Point Inductor's and Triton's on-disk caches at ``$XDG_CACHE_HOME/persona-harness/compile`` unless
+    the user set them (``TORCHINDUCTOR_CACHE_DIR``, ``TRITON_CACHE_DIR``), so compiled kernels outlive the
+    process and ``/tmp`` clean-ups. Both caches key their entries by the source, the shapes' symbols and
+    the torch / Triton / CUDA versions, so an entry from other code or versions is never reused."""
+    import os
+
+    base = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "persona-harness", "compile")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(base, "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(base, "triton"))
 
 
 class FusedSwap:
     """While active, RMSNorm / SwiGLU MLP / rotary of the supported architectures run as fused kernels
-    (``compile=True``, CUDA) or as the same functions uncompiled (``compile=False``: CPU tests of the
-    swapping itself). Module hooks keep firing: only the ``forward`` of norms and MLPs is replaced
+    (``mode="compile"``, CUDA) or as the same functions uncompiled (``"triton"``, ``"eager"``: CPU tests of
+    the swapping itself). Module hooks keep firing: only the ``forward`` of norms and MLPs is replaced
     (instance attribute), and modules with hooks on the parts it bypasses are left alone."""
 
-    def __init__(self, model, compile: bool, enabled: bool = True, exact_norm: bool = False):
+    def __init__(self, model, mode="compile", enabled: bool = True, exact_norm: bool = False):
         # exact_norm: the RMSNorm's mean of squares stays torch's own reduction (same summation order as
         # eager, so the same values); the elementwise parts before and after it are fused
         self.model, self.enabled, self.exact_norm = model, enabled, exact_norm
-        self.f = fused_impl(compile)
+        self.f = fused_impl(mode)
         self.swapped: list = []
         self.globals: list = []
 

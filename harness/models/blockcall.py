@@ -23,13 +23,16 @@ class BlockCall:
 
     ``mask``: bool ``[B, T]`` real (non-pad) positions of the call, None = all real; ``prefill``: the call is
     a generation's first (no cached tokens), None = unknown; ``rows`` and ``n``: batch row ``i`` is row
-    ``rows[i]`` of the caller's ``n`` rows (None: the loop does not say, so its row order is not the caller's).
+    ``rows[i]`` of the caller's ``n`` rows (None: the loop does not say, so its row order is not the caller's);
+    ``kv_lengths``: int ``[B]`` tensor, batch row ``b`` attends to cache slots ``< kv_lengths[b]`` only (a bound
+    the attention may use to skip slots the mask excludes anyway; None = every slot it is given).
     """
 
     mask: Any = None
     prefill: bool | None = None
     rows: Sequence[int] | None = None
     n: int | None = None
+    kv_lengths: Any = None
 
     def replace(self, **changes: Any) -> "BlockCall":
         return dataclasses.replace(self, **changes)
