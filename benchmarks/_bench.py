@@ -456,6 +456,23 @@ def paper_generate(lm, w: PaperWork, *, continuous: bool, ignore_eos: bool = Fal
     return prompts, outs, eng
 
 
+def paper_examples(lm, w: PaperWork) -> list[tuple[list[int], list[int]]]:
+    """The paper's extraction input: each request's prompt and a response whose length follows the stop
+    model (geometric, mean ``vocab / n_stop``, capped at ``max_new``), seeded, of random ids."""
+    import math
+    import random
+
+    rng = random.Random(11)
+    V = int(lm.model.config.vocab_size)
+    q = len(paper_stop_ids(lm, w)) / V
+    hi = min(V, 32000)
+    out = []
+    for p in paper_prompts(lm, w):
+        n = min(w.max_new, 1 + int(math.log(1.0 - rng.random()) / math.log(1.0 - q)))
+        out.append((p, [rng.randrange(10, hi) for _ in range(n)]))
+    return out
+
+
 def paper_floor(lm, prompts, lengths) -> float:
     """Compute floor: 2 x weights x every prompt and generated token, at the measured matmul rate."""
     c = ceilings(lm)

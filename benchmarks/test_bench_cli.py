@@ -224,7 +224,7 @@ def test_cli_trait_run(benchmark, bench, cli_model):
     """Cold CLI trait run: 200 generations x up to 256 new tokens, the local judge = the same model."""
     full = bench["work"].n >= 200
     _cli_run(benchmark, bench, cli_model, "cli_trait_run", full, 1, 256 if full else 8,
-             rounds=2 if full else 1, target_s=25.0)
+             rounds=1, target_s=25.0)
 
 
 def test_cli_paper(benchmark, bench, cli_model):

@@ -238,6 +238,12 @@ class LocalJudge(BaseJudge):
                 "exact": bool(self.settings.judge_exact),
                 "model": model_identity(self.model_id, self.settings, thinking=False)}
 
+    def batch_size(self, ctx) -> int:
+        """``judge_batch_size``, or 0 = automatic: 64 prompts on CUDA (out-of-memory halves it), 8 on CPU."""
+        if self.settings.judge_batch_size:
+            return int(self.settings.judge_batch_size)
+        return 64 if ctx.model(self.model_id).device.type == "cuda" else 8
+
     def judge(self, items: Sequence[JudgeItem], ctx) -> list[Judgment]:
         import torch
 

@@ -347,9 +347,13 @@ def test_continuous_batching_equals_static_whatever_the_batch_size(embedded_dir,
     assert [(o.ids, o.finish_reason) for o in alone] == [(o.ids, o.finish_reason) for o in static]
     for bs in (1, 2, 3, len(prompts)):
         for every in (1, 5, 16):
-            eng = Engine(lm, refill_every=every)
-            got = eng.generate(prompts, 24, batch_size=bs, **kw)
-            assert [(o.ids, o.finish_reason) for o in got] == [(o.ids, o.finish_reason) for o in static], (bs, every)
+            for rows in (16, 1):  # 1: the drain compacts the running rows into ever smaller batches
+                eng = Engine(lm, refill_every=every, compact_min_rows=rows)
+                got = eng.generate(prompts, 24, batch_size=bs, **kw)
+                assert [(o.ids, o.finish_reason) for o in got] == [(o.ids, o.finish_reason) for o in static], \
+                    (bs, every, rows)
+                if rows == 1 and bs == len(prompts) and every == 1:
+                    assert eng.stats["continuous"]["compactions"] >= 2
 
 
 def test_continuous_batching_greedy_equals_hf_in_two_slots(embedded_dir):
@@ -379,7 +383,7 @@ def test_continuous_steering_per_row_equals_one_at_a_time(embedded_dir, position
     vec = torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(2))
     kw = dict(temperature=1.0, stop_ids=list(range(100, 5000)), pad_id=0)
     with steer(lm, vec, coefs, layers=2, positions=positions):
-        got = Engine(lm, refill_every=3).generate(prompts, 20, seeds=seeds, batch_size=2, **kw)
+        got = Engine(lm, refill_every=3, compact_min_rows=1).generate(prompts, 20, seeds=seeds, batch_size=2, **kw)
     alone = []
     for p, s, c in zip(prompts, seeds, coefs.tolist()):
         with steer(lm, vec, c, layers=2, positions=positions):

@@ -91,3 +91,16 @@ def test_inexact_tree_equals_exact_up_to_leaf_end_probabilities(embedded_lm, jud
     for n in range(1, 11):  # 0 is a leaf too (no number starts with 0)
         assert fast[0, n].item() == pytest.approx(shared[0, n].item(), rel=1e-3, abs=1e-9)
     assert (fast[:, 11:] >= shared[:, 11:] * (1 - 1e-3)).all()
+
+
+def test_batch_size_is_the_setting_or_automatic_by_device(embedded_lm):
+    """``judge_batch_size`` 0 (the default) is automatic: 8 prompts on CPU; a set value is kept."""
+    from types import SimpleNamespace
+
+    from harness.core.config import Settings
+    from harness_plugins.judge_local import LocalJudge
+
+    ctx = SimpleNamespace(model=lambda model_id=None: embedded_lm)
+    assert Settings().judge_batch_size == 0
+    assert LocalJudge(Settings(model="smollm2")).batch_size(ctx) == (64 if embedded_lm.device.type == "cuda" else 8)
+    assert LocalJudge(Settings(model="smollm2", judge_batch_size=3)).batch_size(ctx) == 3

@@ -65,7 +65,7 @@ BAD_FLAGS = [
     (["--temperature", "-1"], "--temperature"), (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--max-new-tokens", "-5"], "--max-new-tokens"), (["--n-per-question", "0"], "--n-per-question"),
     (["--splits", "extract,bogus"], "--splits"), (["--batch-size", "-1"], "--batch-size"),
-    (["--judge-batch-size", "0"], "--judge-batch-size"), (["--extract-batch-size", "-2"], "--extract-batch-size"),
+    (["--judge-batch-size", "-1"], "--judge-batch-size"), (["--extract-batch-size", "-2"], "--extract-batch-size"),
     (["--judge-concurrency", "0"], "--judge-concurrency"), (["--judge-retries", "-1"], "--judge-retries"),
     (["--device", "tpu"], "--device"), (["--device", "cuda:x"], "--device"),
     (["--trait-threshold", "nan"], "--trait-threshold"), (["--coherence-threshold", "150"], "--coherence-threshold"),

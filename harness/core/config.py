@@ -84,7 +84,7 @@ class Settings:
     judge_model: str = setting("", "judge model (local: HF id/path, default the model; servers: model name)")
     judge_base_url: str = setting("", "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     judge_api_key_env: str = setting("OPENAI_API_KEY", "NAME of the environment variable holding the judge API key")
-    judge_batch_size: int = setting(8, "local judge batch size")
+    judge_batch_size: int = setting(0, "local judge batch size (0 = automatic: 64 on CUDA, 8 on CPU)")
     judge_concurrency: int = setting(8, "judge requests in flight")
     judge_timeout: float = setting(60.0, "seconds per judge request")
     judge_retries: int = setting(4, "judge retries before an item is unscored")
@@ -351,7 +351,7 @@ _RANGES: dict[str, tuple[float, float, str]] = {
     "n_per_question": (1, _INT_MAX, "a count of samples"),
     "max_new_tokens": (1, _INT_MAX, "a length in tokens"),
     "batch_size": (0, _INT_MAX, "a batch size (0 = automatic)"),
-    "judge_batch_size": (1, _INT_MAX, "a batch size"),
+    "judge_batch_size": (0, _INT_MAX, "a batch size (0 = automatic)"),
     "judge_concurrency": (1, _INT_MAX, "a number of requests in flight"),
     "judge_retries": (0, 1000, "a number of retries"),
     "extract_batch_size": (1, _INT_MAX, "a batch size"),

@@ -326,6 +326,50 @@ class Decoder:
         return g
 
 
+def to_device(t, dev):
+    """``t`` (a CPU tensor) on ``dev`` without waiting for the work queued there: on CUDA through pinned
+    memory with a non-blocking copy (a plain ``.to("cuda")`` synchronizes the stream first)."""
+    if dev.type != "cuda":
+        return t.to(dev)
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
+class _Rows:
+    """The loop's per-row state: views ``[:B]`` of the slot's full-size tensors (compaction shrinks ``B``
+    in place: the rows still running move to the front and the step runs on the shorter views)."""
+
+    def __init__(self, s: Slot, wp, stepv, B: int):
+        self.B = B
+        self.ids, self.pos, self.valid, self.done = s.ids[:B], s.pos[:B], s.valid[:B], s.done[:B]
+        self.seeds, self.out = s.seeds[:B], s.out[:B]
+        self.wp, self.stepv = wp[:B], stepv[:B]
+        self.cache = s.cache.rows(B)
+
+
+class _HostCopy:
+    """A device-to-host copy that does not wait: pinned memory and an event on CUDA; a plain copy on CPU."""
+
+    def __init__(self, t):
+        import torch
+
+        self.event = None
+        if t.device.type == "cuda":
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = t.to("cpu", copy=True)
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def tolist(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 class Continuous:
     """Continuous batching over one slot of ``B`` rows: when a row's request finishes, the row takes
     the next queued request (its prompt prefilled into slots 0..P-1 of that row), so the batch stays
@@ -333,37 +377,61 @@ class Continuous:
 
     Every row keeps its own position, write slot (``StaticKVCache.row_pos``), valid-key mask and sampling
     step, so a request's tokens depend on its prompt, seed and the model only (not on the batch, nor on
-    when it entered): the same tokens as a static batch. Finished rows are found and refilled every
-    ``refill_every`` steps (one host sync); between refills they emit padding. On CUDA the decode step is
-    captured once per KV-length bucket and replayed as in static batches."""
+    when it entered): the same tokens as a static batch. Between checks, finished rows emit padding.
+
+    The host never waits for the device in the loop: every ``refill_every`` steps it starts a copy of the
+    rows' done flags to the host and reads the previous check's copy (long finished by then), harvests
+    those rows' tokens with another copy that is read later, and prefills queued requests into the freed
+    rows; the device keeps running the steps queued meanwhile. Once the queue is empty and at most half
+    the rows still run, the running rows move to the front (KV cache included) and the step runs on a
+    batch of the next power of two (down to ``min_rows``), so the drain does not pay for empty rows.
+    On CUDA the decode step is captured once per (rows, KV-length bucket) and replayed."""
 
     def __init__(self, dec: "Decoder", B: int, cap: int, max_new: int, temperature: float, top_p: float,
-                 stop_ids, pad: int, ignore_eos: bool, n: int, refill_every: int = 16):
+                 stop_ids, pad: int, ignore_eos: bool, n: int, refill_every: int = 16, min_rows: int = 16):
         import torch
 
         self.dec, self.e = dec, dec.e
         dev = self.e.device
-        self.B, self.cap, self.max_new = B, cap, max_new
+        self.cap, self.max_new = cap, max_new
         self.temperature, self.top_p, self.pad, self.n = temperature, top_p, pad, n
         self.refill_every = refill_every
+        self.min_rows = max(1, min_rows)
         self.stop_key = None if ignore_eos or not stop_ids else tuple(sorted(set(int(x) for x in stop_ids)))
         self.stops = None if self.stop_key is None else dec.stop_table(self.stop_key)
         self.stopset = set(int(x) for x in stop_ids)
         self.ignore_eos = ignore_eos
         s = self.s = dec.get_slot(B, cap, max_new + 1)
-        self.cache = s.cache
         s.valid.zero_()
         s.done.fill_(True)  # empty rows: done until a request enters
         s.out.fill_(pad)
-        self.stepv = torch.zeros(B, dtype=torch.long, device=dev)
-        self.wp = torch.zeros(B, dtype=torch.long, device=dev)
-        self.live = torch.zeros(B, dtype=torch.bool, device=dev)
+        self._wp = torch.zeros(B, dtype=torch.long, device=dev)
+        self._stepv = torch.zeros(B, dtype=torch.long, device=dev)
+        self.r = _Rows(s, self._wp, self._stepv, B)
         self.req: list[int | None] = [None] * B  # the request each row holds
         self.entry: list[tuple[int, int]] = [(0, 0)] * B  # (write slot of its first decode step, global step)
-        # where the loop's time goes (host clock; ``wait_s``: host waiting on the device at refill checks)
+        self.pending: list = []  # harvests under way: (requests, steps copy, tokens copy)
+        # where the loop's time goes (host clock; ``wait_s``: host waiting for a done-flag copy)
         self.prof = {"rows": B, "steps": 0, "replays": 0, "eager_steps": 0, "captures": 0, "refills": 0,
-                     "entered": 0, "enter_s": 0.0, "wait_s": 0.0, "harvest_s": 0.0, "busy_row_checks": 0,
-                     "row_checks": 0, "loop_s": 0.0}
+                     "entered": 0, "compactions": 0, "enter_s": 0.0, "wait_s": 0.0, "harvest_s": 0.0,
+                     "busy_row_checks": 0, "row_checks": 0, "row_steps": 0, "loop_s": 0.0}
+
+    @property
+    def B(self) -> int:
+        return self.r.B
+
+    @property
+    def cache(self):
+        return self.r.cache
+
+    # back-compatible names of the current views
+    @property
+    def wp(self):
+        return self.r.wp
+
+    @property
+    def stepv(self):
+        return self.r.stepv
 
     def kv_needed(self, t: int) -> int:
         """Slots the step ``t`` reads: the furthest row's write slot + 1, rounded up to the bucket."""
@@ -376,94 +444,139 @@ class Continuous:
         """Prefill requests ``reqs`` into the free ``rows`` (eager) and sample their first token."""
         import torch
 
-        dec, s, dev = self.dec, self.s, self.e.device
+        dec, r, dev = self.dec, self.r, self.e.device
         ids, att = left_padded([prompts[q] for q in reqs], self.pad)
-        ids, att = ids.to(dev), att.bool().to(dev)
+        ids, att = to_device(ids, dev), to_device(att.bool(), dev)
         P = ids.shape[1]
         pos = (att.long().cumsum(-1) - 1).masked_fill(~att, 1)
-        r_t = torch.tensor(rows, dtype=torch.long, device=dev)
-        cache = self.cache
+        r_t = to_device(torch.tensor(rows, dtype=torch.long), dev)
+        cache = r.cache
         cache.prefill_rows, cache.row_pos = r_t, None
         try:
             logits = dec.forward(ids, pos, dec.prefill_masks(att), cache,
                                  call.replace(mask=att, prefill=True, rows=tuple(reqs)))
         finally:
             cache.prefill_rows = None
-        seeds_t = torch.tensor([seeds[q] for q in reqs], dtype=torch.long, device=dev)
+        seeds_t = to_device(torch.tensor([seeds[q] for q in reqs], dtype=torch.long), dev)
         tok = dec.sample(logits, seeds_t, torch.zeros(1, dtype=torch.long, device=dev), self.temperature, self.top_p)
         done = torch.zeros(len(rows), dtype=torch.bool, device=dev) | (self.max_new <= 1)
         if self.stops is not None:
             done |= self.stops[tok]
-        s.seeds.index_copy_(0, r_t, seeds_t)
-        s.out.index_fill_(0, r_t, self.pad)
-        s.out[r_t, 0] = tok
-        s.ids[r_t, 0] = tok
-        s.pos[r_t, 0] = pos[:, -1] + 1
+        r.seeds.index_copy_(0, r_t, seeds_t)
+        r.out.index_fill_(0, r_t, self.pad)
+        r.out[r_t, 0] = tok
+        r.ids[r_t, 0] = tok
+        r.pos[r_t, 0] = pos[:, -1] + 1
         valid = torch.zeros(len(rows), self.cap, dtype=torch.bool, device=dev)
         valid[:, :P] = att
         valid[:, P] = True
-        s.valid.index_copy_(0, r_t, valid)
-        s.done.index_copy_(0, r_t, done)
-        self.stepv.index_fill_(0, r_t, 1)
-        self.wp.index_fill_(0, r_t, P)
-        for r, q in zip(rows, reqs):
-            self.req[r] = q
-            self.entry[r] = (P, t)
+        r.valid.index_copy_(0, r_t, valid)
+        r.done.index_copy_(0, r_t, done)
+        r.stepv.index_fill_(0, r_t, 1)
+        r.wp.index_fill_(0, r_t, P)
+        for row, q in zip(rows, reqs):
+            self.req[row] = q
+            self.entry[row] = (P, t)
+        cache.row_pos = r.wp
 
     def step(self, call: BlockCall) -> None:
-        """One decode step of every row, in place on the slot's state (graph-capturable)."""
+        """One decode step of every row, in place on the rows' state (graph-capturable)."""
         import torch
 
-        dec, s = self.dec, self.s
-        cache = self.cache
-        valid = s.valid[:, : cache.kv_len]
+        dec, r = self.dec, self.r
+        cache = r.cache
+        valid = r.valid[:, : cache.kv_len]
         masks = {}
         for w in dict.fromkeys(dec.windows):
-            a = valid if w is None else valid & (s.slots[: cache.kv_len][None, :] > self.wp[:, None] - w)
+            a = valid if w is None else valid & (self.s.slots[: cache.kv_len][None, :] > r.wp[:, None] - w)
             masks[w] = torch.where(a, 0.0, dec.min_val)[:, None, None, :]
         # each row's keys are its slots 0..wp: a fused decode attention reads only those
-        logits = dec.forward(s.ids, s.pos, masks, cache, call.replace(kv_lengths=self.wp + 1))
-        nxt = dec.sample(logits, s.seeds, self.stepv, self.temperature, self.top_p)
-        was = s.done.clone()
+        logits = dec.forward(r.ids, r.pos, masks, cache, call.replace(kv_lengths=r.wp + 1))
+        nxt = dec.sample(logits, r.seeds, r.stepv, self.temperature, self.top_p)
+        was = r.done.clone()
         nxt = torch.where(was, torch.full_like(nxt, self.pad), nxt)
-        s.out.scatter_(1, self.stepv[:, None], nxt[:, None])
+        r.out.scatter_(1, r.stepv[:, None], nxt[:, None])
         adv = (~was).long()
-        self.stepv.add_(adv)
-        done = was | (self.stepv >= self.max_new)
+        r.stepv.add_(adv)
+        done = was | (r.stepv >= self.max_new)
         if self.stops is not None:
             done |= self.stops[nxt]
-        s.done.copy_(done)
-        s.ids.copy_(nxt[:, None])
-        s.pos.add_(adv[:, None])
-        self.wp.add_(adv)
-        at = self.wp.clamp(max=self.cap - 1)[:, None]
-        s.valid.scatter_(1, at, s.valid.gather(1, at) | (~was)[:, None])
+        r.done.copy_(done)
+        r.ids.copy_(nxt[:, None])
+        r.pos.add_(adv[:, None])
+        r.wp.add_(adv)
+        at = r.wp.clamp(max=self.cap - 1)[:, None]
+        r.valid.scatter_(1, at, r.valid.gather(1, at) | (~was)[:, None])
 
-    def harvest(self, rows: list[int], results: dict) -> None:
-        """Copy the finished ``rows``' tokens to the host (those rows only) and free the rows."""
+    def harvest(self, rows: list[int]) -> None:
+        """Start copying the finished ``rows``' tokens to the host and free the rows (``collect`` reads them)."""
         import torch
 
-        idx = torch.tensor(rows, dtype=torch.long, device=self.e.device)
-        out_rows = self.s.out.index_select(0, idx).tolist()
-        steps = self.stepv.index_select(0, idx).tolist()
-        for k, r in enumerate(rows):
-            q = self.req[r]
-            row = out_rows[k][: steps[k]]
-            cut = next((k for k, x in enumerate(row) if x in self.stopset), None) if not self.ignore_eos else None
-            results[q] = GenOutput(row[:cut], "stop") if cut is not None else GenOutput(row[: self.max_new], "length")
-            self.req[r] = None
+        r = self.r
+        idx = to_device(torch.tensor(rows, dtype=torch.long), self.e.device)
+        self.pending.append(([self.req[x] for x in rows], _HostCopy(r.stepv.index_select(0, idx)),
+                             _HostCopy(r.out.index_select(0, idx))))
+        for x in rows:
+            self.req[x] = None
+
+    def collect(self, results: dict, wait: bool) -> None:
+        """Move finished harvests (all of them when ``wait``) into ``results``."""
+        keep = []
+        for reqs, steps, toks in self.pending:
+            if not wait and not toks.ready():
+                keep.append((reqs, steps, toks))
+                continue
+            for q, n, row in zip(reqs, steps.tolist(), toks.tolist()):
+                row = row[:n]
+                cut = next((k for k, x in enumerate(row) if x in self.stopset), None) if not self.ignore_eos else None
+                results[q] = GenOutput(row[:cut], "stop") if cut is not None else GenOutput(row[: self.max_new], "length")
+        self.pending = keep
+
+    def compact(self) -> bool:
+        """Once the queue is empty: move the running rows to the front and shrink the batch to the next power
+        of two at or above their number (at least ``min_rows``), if that at least halves it."""
+        import torch
+
+        keep = [x for x in range(self.B) if self.req[x] is not None]
+        B2 = max(self.min_rows, 1 << max(0, len(keep) - 1).bit_length())
+        if B2 > self.B // 2 or not keep:
+            return False
+        s, r = self.s, self.r
+        idx = to_device(torch.tensor(keep, dtype=torch.long), self.e.device)
+        n = len(keep)
+        for t in (r.ids, r.pos, r.valid, r.done, r.seeds, r.out, r.wp, r.stepv, *r.cache.k, *r.cache.v):
+            t[:n] = t.index_select(0, idx)
+        self.r = _Rows(s, self._wp, self._stepv, B2)
+        r = self.r
+        r.done[n:] = True
+        r.valid[n:] = False
+        r.wp[n:] = 0
+        r.stepv[n:] = 0
+        r.cache.row_pos = r.wp
+        self.req = [self.req[x] for x in keep] + [None] * (B2 - n)
+        self.entry = [self.entry[x] for x in keep] + [(0, 0)] * (B2 - n)
+        self.prof["compactions"] += 1
+        return True
 
     def run(self, queue: list[int], prompts, seeds, results: dict) -> None:
         """Generate every request of ``queue`` (indices into ``prompts``/``seeds``) into ``results``."""
         import torch
 
-        dec, e, s = self.dec, self.e, self.s
+        e = self.e
         queue = list(queue)
         call = BlockCall(mask=None, prefill=False, rows=None, n=self.n)
         t0 = time.perf_counter()
         try:
             with torch.inference_mode(), e.attention(), e.fused_ctx():
                 self._loop(queue, prompts, seeds, results, call)
+        except BaseException:
+            try:  # what finished is kept, whatever stopped the loop (an out-of-memory error: the retry skips it)
+                self.collect(results, wait=True)
+            except Exception:  # pragma: no cover - the device itself failed: the original error says why
+                pass
+            raise
+        else:
+            self.collect(results, wait=True)
         finally:
             self.cache.row_pos = None
             self.cache.prefill_rows = None
@@ -471,72 +584,92 @@ class Continuous:
             e.stats["continuous"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.prof.items()}
         e.note_fused()
 
+    def next_due(self) -> float:
+        """The first step at which some row has surely reached ``max_new``."""
+        return min((t0 + self.max_new - 1 for (_, t0), q in zip(self.entry, self.req) if q is not None),
+                   default=math.inf)
+
+    def _rows_call(self, call: BlockCall) -> BlockCall:
+        return call.replace(rows=tuple(q if q is not None else -1 for q in self.req))
+
     def _loop(self, queue, prompts, seeds, results, call) -> None:
         dec, s, prof = self.dec, self.s, self.prof
-        if True:
-            first = queue[: self.B]
-            del queue[: len(first)]
-            tp = time.perf_counter()
-            self.enter(list(range(len(first))), first, prompts, seeds, 1, call)
-            prof["enter_s"] += time.perf_counter() - tp
-            prof["entered"] += len(first)
-            self.cache.row_pos = self.wp
-            call = call.replace(rows=tuple(q if q is not None else -1 for q in self.req))
-            use_graphs = dec.use_graphs()
-            if use_graphs:
-                sig = ("continuous", hook_signature(dec.model), float(self.temperature), float(self.top_p),
-                       self.stop_key, self.pad)
-                if s.hook_sig != sig:
-                    s.graphs.clear()
-                    s.pool = None
-                    s.hook_sig = sig
-            t = 0
-            while True:
-                t += 1
-                # a host sync every refill_every steps, and when a row must have reached max_new
-                due = min((t0 + self.max_new - 1 for (_, t0), r in zip(self.entry, self.req) if r is not None),
-                          default=t)
-                if t % self.refill_every == 0 or due <= t:
+        first = queue[: self.B]
+        del queue[: len(first)]
+        tp = time.perf_counter()
+        self.enter(list(range(len(first))), first, prompts, seeds, 1, call)
+        prof["enter_s"] += time.perf_counter() - tp
+        prof["entered"] += len(first)
+        call = self._rows_call(call)
+        use_graphs = dec.use_graphs()
+        if use_graphs:
+            sig = ("continuous", hook_signature(dec.model), float(self.temperature), float(self.top_p),
+                   self.stop_key, self.pad)
+            if s.hook_sig != sig:
+                s.graphs.clear()
+                s.pool = None
+                s.hook_sig = sig
+        flags, flags_t = _HostCopy(self.r.done), 0  # the done flags as of step flags_t
+        next_due = self.next_due()
+        t = 0
+        while True:
+            t += 1
+            if t % self.refill_every == 0 or t >= next_due:
+                # rows past max_new are done for sure; the others as the flags copied refill_every steps ago say
+                # (the device is past that step, so reading them does not wait); fresher flags are not waited for
+                done = [False] * self.B
+                if t - flags_t >= max(1, self.refill_every // 2):
                     tp = time.perf_counter()
-                    done = s.done.tolist()
+                    done = flags.tolist()
                     prof["wait_s"] += time.perf_counter() - tp
-                    fin = [r for r in range(self.B) if self.req[r] is not None and done[r]]
-                    prof["row_checks"] += self.B
-                    prof["busy_row_checks"] += sum(1 for r in range(self.B) if self.req[r] is not None) - len(fin)
-                    if fin:
-                        tp = time.perf_counter()
-                        self.harvest(fin, results)
-                        prof["harvest_s"] += time.perf_counter() - tp
-                    free = [r for r in range(self.B) if self.req[r] is None]
-                    if free and queue:
-                        take = queue[: len(free)]
-                        del queue[: len(take)]
-                        tp = time.perf_counter()
-                        self.enter(free[: len(take)], take, prompts, seeds, t, call)
-                        prof["enter_s"] += time.perf_counter() - tp
-                        prof["entered"] += len(take)
-                        prof["refills"] += 1
-                        self.cache.row_pos = self.wp
-                        call = call.replace(rows=tuple(q if q is not None else -1 for q in self.req))
-                    if all(r is None for r in self.req):
-                        break
-                kv = self.kv_needed(t)
-                self.cache.kv_len = kv
-                g = s.graphs.get(kv) if use_graphs else None
-                prof["steps"] += 1
-                if g is not None:
-                    g.replay()
-                    prof["replays"] += 1
-                elif use_graphs:
-                    g = self.capture(kv, call)
-                    prof["captures"] += 1
-                    if g is None:
-                        use_graphs = False
-                else:
-                    self.step(call)
-                    prof["eager_steps"] += 1
+                fin = [x for x in range(self.B) if self.req[x] is not None
+                       and (done[x] or self.entry[x][1] + self.max_new - 1 <= t)]
+                prof["row_checks"] += self.B
+                prof["busy_row_checks"] += sum(1 for x in range(self.B) if self.req[x] is not None) - len(fin)
+                changed = bool(fin)
+                if fin:
+                    tp = time.perf_counter()
+                    self.harvest(fin)
+                    prof["harvest_s"] += time.perf_counter() - tp
+                free = [x for x in range(self.B) if self.req[x] is None]
+                if free and queue:
+                    take = queue[: len(free)]
+                    del queue[: len(take)]
+                    tp = time.perf_counter()
+                    self.enter(free[: len(take)], take, prompts, seeds, t, call)
+                    prof["enter_s"] += time.perf_counter() - tp
+                    prof["entered"] += len(take)
+                    prof["refills"] += 1
+                    changed = True
+                if all(q is None for q in self.req):
+                    break
+                if not queue and self.compact():
+                    changed = True
+                if changed:
+                    call = self._rows_call(call)
+                    next_due = self.next_due()
+                if t - flags_t >= self.refill_every or changed:
+                    flags, flags_t = _HostCopy(self.r.done), t
+                self.collect(results, wait=False)
+            kv = self.kv_needed(t)
+            self.cache.kv_len = kv
+            key = (self.B, kv)
+            g = s.graphs.get(key) if use_graphs else None
+            prof["steps"] += 1
+            prof["row_steps"] += self.B
+            if g is not None:
+                g.replay()
+                prof["replays"] += 1
+            elif use_graphs:
+                g = self.capture(key, call)
+                prof["captures"] += 1
+                if g is None:
+                    use_graphs = False
+            else:
+                self.step(call)
+                prof["eager_steps"] += 1
 
-    def capture(self, kv: int, call: BlockCall):
+    def capture(self, key, call: BlockCall):
         """As ``Decoder.capture``: warm-up step on a side stream, then capture the next step."""
         import torch
 
@@ -556,6 +689,6 @@ class Continuous:
             e.stats["graph_error"] = repr(ex)[:300]
             s.pool = None
             return None
-        s.graphs[kv] = g
+        s.graphs[key] = g
         e.stats["graphs"] = len(s.graphs)
         return g

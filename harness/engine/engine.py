@@ -33,7 +33,7 @@ class Engine:
     """Generation and extraction for one loaded model (``Engine.for_model(lm)`` caches it)."""
 
     def __init__(self, lm, *, graphs: str = "auto", kv_bucket: int = 64, max_batch: int = 512, fused: str = "auto",
-                 continuous: bool = True, refill_every: int = 16):
+                 continuous: bool = True, refill_every: int = 16, compact_min_rows: int = 16):
         self.lm = lm
         self.model = lm.model
         self.base = base_model(lm.model)
@@ -48,14 +48,14 @@ class Engine:
         self.vocab = int(cfg.vocab_size)
         self.inter = int(getattr(cfg, "intermediate_size", 4 * self.hidden))
         self.graphs = graphs
-        # fused: "auto" / "compile" (on CUDA: the Triton decode attention and Gumbel sampling, plus Inductor-
-        # compiled elementwise pieces; nothing on CPU), "triton" (the Triton kernels only: no Inductor compile,
-        # a cheap first call), "eager" (the same swap uncompiled: CPU tests of the swap), "off"
+        # fused: "auto" / "triton" (on CUDA: the Triton decode attention and Gumbel sampling; nothing on CPU),
+        # "compile" (those plus Inductor-compiled elementwise pieces: a first call that compiles for tens of
+        # seconds, and slower prefills of changing shapes), "eager" (the swap uncompiled: CPU tests), "off"
         if fused not in ("auto", "compile", "triton", "eager", "off"):
             raise ValueError(f"Engine(fused={fused!r}): use 'auto', 'compile', 'triton', 'eager' or 'off'")
         self.fused = fused
         cuda = self.device.type == "cuda"
-        self.fused_compile = fused in ("auto", "compile") and cuda
+        self.fused_compile = fused == "compile" and cuda
         self.fused_triton = fused in ("auto", "compile", "triton") and cuda
         self.fused_swap = self.fused == "eager" or self.fused_triton
         self.fused_mode = "compile" if self.fused_compile else "triton" if self.fused_triton else "eager"
@@ -64,13 +64,15 @@ class Engine:
         # continuous batching: a finished row takes the next request (checked every refill_every steps)
         self.continuous = bool(continuous)
         self.refill_every = int(refill_every)
+        # once the queue is empty, the running rows move to a batch of the next power of two >= their number
+        self.compact_min_rows = int(compact_min_rows)
         self.stats: dict[str, Any] = {}
         self.decoder = Decoder(self)
 
     @classmethod
     def for_model(cls, lm, **kw) -> "Engine":
         kw = {"graphs": "auto", "kv_bucket": 64, "max_batch": 512, "fused": "auto", "continuous": True,
-              "refill_every": 16, **kw}
+              "refill_every": 16, "compact_min_rows": 16, **kw}
         e = _ENGINES.get(lm.model)
         if e is None or any(getattr(e, k) != v for k, v in kw.items()):
             e = cls(lm, **kw)
@@ -186,7 +188,7 @@ class Engine:
                              slots, n, results) -> None:
         """Continuous batching of requests ``queue`` over ``slots`` rows; finished ones land in ``results``."""
         Continuous(self.decoder, slots, cap, max_new, temperature, top_p, stop_ids, pad, ignore_eos, n,
-                   self.refill_every).run(queue, prompts, seeds, results)
+                   self.refill_every, self.compact_min_rows).run(queue, prompts, seeds, results)
 
     # ---------------------------------------------------------------------------- extract
     def extract_sums(self, examples: Sequence[tuple[Sequence[int], Sequence[int]]], methods: Sequence[str] = METHODS,

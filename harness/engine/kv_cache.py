@@ -44,6 +44,15 @@ class StaticKVCache:
         v.index_copy_(2, self.write_pos, value.to(v.dtype))
         return k[:, :, : self.kv_len], v[:, :, : self.kv_len]
 
+    def rows(self, B: int) -> "StaticKVCache":
+        """A cache over the first ``B`` rows of this one (views of the same buffers)."""
+        c = object.__new__(StaticKVCache)
+        c.k = [t[:B] for t in self.k]
+        c.v = [t[:B] for t in self.v]
+        c.write_pos, c.kv_len, c.capacity, c.batch = self.write_pos, self.kv_len, self.capacity, B
+        c.row_pos = c.prefill_rows = None
+        return c
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.kv_len
 
