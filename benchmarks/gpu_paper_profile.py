@@ -167,7 +167,7 @@ def main() -> None:
                     c.wp.fill_(kvlen - 80)  # long rows: the step reads ~kvlen slots
                     c.cache.kv_len = kvlen
                     if mode == "auto":
-                        g = c.capture(kvlen, call)
+                        g = c.capture((c.B, kvlen), call)
                         step = g.replay if g is not None else (lambda: c.step(call))
                         res["steps_graph_error"] = eng.stats.get("graph_error")
                     else:

@@ -279,6 +279,38 @@ def test_fused_swap_eager_equals_hf_and_restores(embedded_dir, model_type):
 def test_fused_is_off_on_cpu(tiny_lm):
     eng = Engine(tiny_lm)
     assert eng.fused == "auto" and not eng.fused_compile and not eng.fused_swap
+    for mode in ("triton", "compile"):  # CUDA-only kernels: nothing swapped in on CPU
+        e = Engine(tiny_lm, fused=mode)
+        assert not e.fused_triton and not e.fused_compile and not e.fused_swap and e.fused_mode == "eager"
+
+
+def test_continuous_decode_calls_tell_each_rows_kv_length(embedded_dir):
+    """Every decode call of the continuous loop says how many cache slots each row holds (its write slot
+    + 1): rows that entered later or hold shorter prompts read fewer slots, which the fused decode
+    attention skips; the lengths never exceed the slots the call reads."""
+    from harness.models.blockcall import block_call_of
+    from harness.testing import make_tiny_lm
+
+    lm = make_tiny_lm(embedded_dir, layers=2, hidden=64, seed=3)
+    prompts, seeds = _varied(lm, n=5)
+    prompts[0] = prompts[0][:3]
+    seen = []
+
+    def hook(mod, args, kwargs, out):
+        c = block_call_of(kwargs)
+        if c is not None and not c.prefill:
+            cache = kwargs.get("past_key_values", kwargs.get("cache"))
+            seen.append((c.kv_lengths.tolist(), int(cache.kv_len)))
+
+    attn = lm.model.model.layers[0].self_attn
+    h = attn.register_forward_hook(hook, with_kwargs=True)
+    try:
+        Engine(lm, refill_every=2).generate(prompts, 6, seeds=seeds, temperature=1.0, pad_id=0, ignore_eos=True,
+                                            batch_size=2)
+    finally:
+        h.remove()
+    assert seen and all(1 <= x <= kv for lens, kv in seen for x in lens)
+    assert any(len(set(lens)) > 1 for lens, _ in seen)  # rows at different lengths in one step
 
 
 def test_block_calls_tell_hooks_positions_and_rows(tiny_lm):
