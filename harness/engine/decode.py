@@ -78,6 +78,15 @@ class Slot:
         self.pool = None
         self.hook_sig = None
 
+    def graphs_for(self, sig: tuple) -> None:
+        """Keep the captured graphs if they were captured under ``sig`` (hooks, sampling, stops), else drop
+        them. New graphs get a new private pool: capturing into the pool of the graphs just destroyed trips
+        the caching allocator (use_count assert, torch 2.11), and every later step then ran eagerly."""
+        if self.hook_sig != sig:
+            self.graphs.clear()
+            self.pool = None
+            self.hook_sig = sig
+
 
 class Decoder:
     """Prefill and decode for one engine's model; owns the slot (cache, state, graphs) of the last shape."""
@@ -267,14 +276,7 @@ class Decoder:
             s.step.fill_(1)
             use_graphs = self.use_graphs()
             if use_graphs:
-                sig = (hook_signature(self.model), float(temperature), float(top_p), stop_key, pad)
-                if s.hook_sig != sig:
-                    # new graphs get a new private pool: capturing into the pool of the graphs just
-                    # destroyed trips the caching allocator (use_count assert, torch 2.11) and every
-                    # later step then ran eagerly (4x slower decode)
-                    s.graphs.clear()
-                    s.pool = None
-                    s.hook_sig = sig
+                s.graphs_for((hook_signature(self.model), float(temperature), float(top_p), stop_key, pad))
             t = 1
             while t < max_new:
                 kv = min(s.capacity, int(math.ceil((P + t) / e.kv_bucket) * e.kv_bucket))
@@ -302,28 +304,33 @@ class Decoder:
         return res
 
     def capture(self, s: Slot, kv: int, temperature, top_p, pad, stops, call: BlockCall):
-        """Run this step eagerly on a side stream (warm-up), then capture it for later replays."""
-        import torch
+        return capture_graph(self.e, s, kv, lambda: self.decode_step(s, temperature, top_p, pad, stops, call))
 
-        e = self.e
-        st = torch.cuda.Stream(e.device)
-        st.wait_stream(torch.cuda.current_stream(e.device))
-        with torch.cuda.stream(st):
-            self.decode_step(s, temperature, top_p, pad, stops, call)
-        torch.cuda.current_stream(e.device).wait_stream(st)
-        if s.pool is None:
-            s.pool = torch.cuda.graph_pool_handle()
-        g = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(g, pool=s.pool):
-                self.decode_step(s, temperature, top_p, pad, stops, call)
-        except Exception as ex:  # a hook that syncs or allocates on the host: run eagerly instead
-            e.stats["graph_error"] = repr(ex)[:300]
-            s.pool = None  # a failed capture leaves its pool unusable for the next one
-            return None
-        s.graphs[kv] = g
-        e.stats["graphs"] = len(s.graphs)
-        return g
+
+def capture_graph(e: "Engine", s: Slot, key, step):
+    """Run ``step`` eagerly on a side stream (warm-up: kernels compiled, allocations made), then capture
+    it into a CUDA graph in the slot's private pool, kept as ``s.graphs[key]``. None when the capture
+    fails (a hook that syncs or allocates on the host): the caller runs eagerly, ``graph_error`` says why."""
+    import torch
+
+    st = torch.cuda.Stream(e.device)
+    st.wait_stream(torch.cuda.current_stream(e.device))
+    with torch.cuda.stream(st):
+        step()
+    torch.cuda.current_stream(e.device).wait_stream(st)
+    if s.pool is None:
+        s.pool = torch.cuda.graph_pool_handle()
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g, pool=s.pool):
+            step()
+    except Exception as ex:
+        e.stats["graph_error"] = repr(ex)[:300]
+        s.pool = None  # a failed capture leaves its pool unusable for the next one
+        return None
+    s.graphs[key] = g
+    e.stats["graphs"] = len(s.graphs)
+    return g
 
 
 def to_device(t, dev):
@@ -603,12 +610,8 @@ class Continuous:
         call = self._rows_call(call)
         use_graphs = dec.use_graphs()
         if use_graphs:
-            sig = ("continuous", hook_signature(dec.model), float(self.temperature), float(self.top_p),
-                   self.stop_key, self.pad)
-            if s.hook_sig != sig:
-                s.graphs.clear()
-                s.pool = None
-                s.hook_sig = sig
+            s.graphs_for(("continuous", hook_signature(dec.model), float(self.temperature), float(self.top_p),
+                          self.stop_key, self.pad))
         flags, flags_t = _HostCopy(self.r.done), 0  # the done flags as of step flags_t
         next_due = self.next_due()
         t = 0
@@ -670,25 +673,4 @@ class Continuous:
                 prof["eager_steps"] += 1
 
     def capture(self, key, call: BlockCall):
-        """As ``Decoder.capture``: warm-up step on a side stream, then capture the next step."""
-        import torch
-
-        e, s = self.e, self.s
-        st = torch.cuda.Stream(e.device)
-        st.wait_stream(torch.cuda.current_stream(e.device))
-        with torch.cuda.stream(st):
-            self.step(call)
-        torch.cuda.current_stream(e.device).wait_stream(st)
-        if s.pool is None:
-            s.pool = torch.cuda.graph_pool_handle()
-        g = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(g, pool=s.pool):
-                self.step(call)
-        except Exception as ex:
-            e.stats["graph_error"] = repr(ex)[:300]
-            s.pool = None
-            return None
-        s.graphs[key] = g
-        e.stats["graphs"] = len(s.graphs)
-        return g
+        return capture_graph(self.e, self.s, key, lambda: self.step(call))
