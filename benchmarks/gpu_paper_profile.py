@@ -163,7 +163,6 @@ def main() -> None:
                 call = BlockCall(mask=None, prefill=False, rows=None, n=B)
                 with torch.inference_mode(), eng.attention(), eng.fused_ctx():
                     c.enter(list(range(B)), list(range(B)), prompts, list(range(B)), 1, call)
-                    c.cache.row_pos = c.wp
                     c.wp.fill_(kvlen - 80)  # long rows: the step reads ~kvlen slots
                     c.cache.kv_len = kvlen
                     if mode == "auto":
@@ -176,20 +175,10 @@ def main() -> None:
                     for _ in range(3):
                         step()
                         c.wp.fill_(kvlen - 80)
-                    _bench.sync(lm)
-                    t = time.perf_counter()
-                    for _ in range(20):
-                        step()
-                    _bench.sync(lm)
-                    res[f"step_ms_{mode}"] = (time.perf_counter() - t) / 20 * 1e3
+                    res[f"step_ms_{mode}"] = timed(lambda: [step() for _ in range(20)])[0] / 20 * 1e3
                     # rows at mixed lengths (as in continuous batching): the Triton attention reads less
                     c.wp.copy_(torch.randint(P, kvlen - 40, (B,), device=c.wp.device))
-                    _bench.sync(lm)
-                    t = time.perf_counter()
-                    for _ in range(20):
-                        step()
-                    _bench.sync(lm)
-                    res[f"step_ms_{mode}_mixed"] = (time.perf_counter() - t) / 20 * 1e3
+                    res[f"step_ms_{mode}_mixed"] = timed(lambda: [step() for _ in range(20)])[0] / 20 * 1e3
                     # host time to issue one eager step (no sync)
                     if mode == "never":
                         _bench.sync(lm)

@@ -20,9 +20,9 @@ state, about 1.2 at random initialisation for this shape): the undecodable ids t
 of the probability, and sampling at temperature 1 stays broad. Shapes and compute are unchanged.
 
 Each timed process gets a fresh ``--cache-dir`` (no cached generations or judgments) and a fresh
-``--out``; compile caches outside them (Inductor's) persist from one process to the next, as for a
-user's second run: full-size trait runs time two processes after one warm-up process, whose time is
-``first_process_s``.
+``--out``; compile caches outside them (Inductor's and Triton's) persist from one process to the next,
+as for a user's second run. Each size times one process (``first_process_s``: on a fresh machine, the
+run with empty compile caches).
 While the child runs, this process holds the session's benchmark model on the same device.
 
 Filter: random weights give arbitrary scores, and a run that keeps no pair stops before extraction
@@ -62,7 +62,6 @@ from pathlib import Path
 
 import _bench
 import pytest
-from _bench import run
 
 TRAIT = "sycophantic"
 LOGIT_STD = 3.5  # the saved copy's logits of decodable ids (see the module docstring)
@@ -131,7 +130,7 @@ def _env() -> dict:
 
 
 def _cli_run(benchmark, bench, cli_model, key: str, full: bool, n_per_question: int, max_new: int,
-             rounds: int, target_s: float):
+             target_s: float):
     procs: list[dict] = []
 
     def go():
@@ -143,11 +142,8 @@ def _cli_run(benchmark, bench, cli_model, key: str, full: bool, n_per_question: 
         assert p.returncode == 0, f"exit {p.returncode}: {' '.join(cmd)}\n{p.stderr[-4000:]}"
         procs.append({"wall_s": wall, "run_dir": work / "run", "cmd": cmd})
 
-    if getattr(benchmark, "disabled", False):  # --benchmark-disable: one process (_bench.run would start two)
-        benchmark.pedantic(go, rounds=1, iterations=1)
-        t = procs[-1]["wall_s"]
-    else:
-        t = run(benchmark, bench, go, rounds)
+    benchmark.pedantic(go, rounds=1, iterations=1)  # one process (also under --benchmark-disable)
+    t = procs[-1]["wall_s"]
     last = procs[-1]
     res = _check(cli_model, last["run_dir"], full, n_per_question, max_new)
     floor = _floor(bench, cli_model, res)
@@ -224,11 +220,11 @@ def test_cli_trait_run(benchmark, bench, cli_model):
     """Cold CLI trait run: 200 generations x up to 256 new tokens, the local judge = the same model."""
     full = bench["work"].n >= 200
     _cli_run(benchmark, bench, cli_model, "cli_trait_run", full, 1, 256 if full else 8,
-             rounds=1, target_s=25.0)
+             target_s=25.0)
 
 
 def test_cli_paper(benchmark, bench, cli_model):
     """The paper's workload from a cold CLI: 2000 generations x up to 360 new tokens, 4000 judgments."""
     full = bench["paper"].n >= 2000
     _cli_run(benchmark, bench, cli_model, "cli_paper", full, 10 if full else 2, 360 if full else 8,
-             rounds=1, target_s=120.0)
+             target_s=120.0)

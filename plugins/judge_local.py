@@ -151,17 +151,9 @@ def number_distribution(model, tok, trie: NumberTrie, prompts: list[list[int]], 
     B = len(prompts)
     ckw = cache_kwarg(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    cache = None
-    if prefixes is not None and share_prefix:
-        lp, cache = prefixes.get(model, prompts, device)
-    else:
-        lp = min(_lcp(prompts), min(len(p) for p in prompts) - 1) if share_prefix and B > 1 else 0
-        if lp >= 8:
-            pre = torch.tensor([prompts[0][:lp]], device=device)
-            cache = output_cache(model(input_ids=pre, use_cache=True, logits_to_keep=1))
-            cache.batch_repeat_interleave(B)
-        else:
-            lp = 0
+    lp, cache = 0, None
+    if share_prefix and (prefixes is not None or B > 1):  # without a shared cache: this batch's prefix only
+        lp, cache = (prefixes if prefixes is not None else PrefixCache(size=1)).get(model, prompts, device)
     suffixes = [p[lp:] for p in prompts]
     ids, smask = left_padded(suffixes, pad)
     ids, smask = ids.to(device), smask.to(device)

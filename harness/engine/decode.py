@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
@@ -40,6 +41,17 @@ if TYPE_CHECKING:  # pragma: no cover
 class GenOutput:
     ids: list[int]  # generated ids, end-of-turn token excluded
     finish_reason: str  # "stop" | "length"
+
+    @classmethod
+    def of(cls, row: Sequence[int], stopset: set, ignore_eos: bool, max_new: int) -> "GenOutput":
+        """A row of generated ids, cut before its first stop id ("stop"), else its first ``max_new`` ("length")."""
+        cut = None if ignore_eos else next((k for k, x in enumerate(row) if x in stopset), None)
+        return cls(list(row[:cut]), "stop") if cut is not None else cls(list(row[:max_new]), "length")
+
+
+def stop_key_of(stop_ids, ignore_eos: bool) -> tuple[int, ...] | None:
+    """The stop ids a loop checks, sorted and unique; None when it checks none (``ignore_eos`` or no ids)."""
+    return None if ignore_eos or not stop_ids else tuple(sorted(set(int(x) for x in stop_ids)))
 
 
 def hook_signature(model) -> tuple:
@@ -250,7 +262,7 @@ class Decoder:
         s.out.fill_(pad)
         s.step.zero_()
         s.seeds.copy_(torch.tensor(seeds, dtype=torch.long))
-        stop_key = None if ignore_eos or not stop_ids else tuple(sorted(set(int(x) for x in stop_ids)))
+        stop_key = stop_key_of(stop_ids, ignore_eos)
         if stop_key is None:
             s.stops = None
         elif s.stops is None or s.stop_key != stop_key:
@@ -296,12 +308,8 @@ class Decoder:
             out = s.out[:, :max_new].tolist()
         e.note_fused()
         stopset = set(stop_ids)
-        res = []
-        for r in range(B):
-            row = out[r][:t] if stops is not None else out[r]
-            cut = next((k for k, x in enumerate(row) if x in stopset), None) if not ignore_eos else None
-            res.append(GenOutput(row[:cut], "stop") if cut is not None else GenOutput(row[:max_new], "length"))
-        return res
+        return [GenOutput.of(out[r][:t] if stops is not None else out[r], stopset, ignore_eos, max_new)
+                for r in range(B)]
 
     def capture(self, s: Slot, kv: int, temperature, top_p, pad, stops, call: BlockCall):
         return capture_graph(self.e, s, kv, lambda: self.decode_step(s, temperature, top_p, pad, stops, call))
@@ -404,7 +412,7 @@ class Continuous:
         self.temperature, self.top_p, self.pad, self.n = temperature, top_p, pad, n
         self.refill_every = refill_every
         self.min_rows = max(1, min_rows)
-        self.stop_key = None if ignore_eos or not stop_ids else tuple(sorted(set(int(x) for x in stop_ids)))
+        self.stop_key = stop_key_of(stop_ids, ignore_eos)
         self.stops = None if self.stop_key is None else dec.stop_table(self.stop_key)
         self.stopset = set(int(x) for x in stop_ids)
         self.ignore_eos = ignore_eos
@@ -431,7 +439,7 @@ class Continuous:
     def cache(self):
         return self.r.cache
 
-    # back-compatible names of the current views
+    # the current views' write slots and steps (diagnostics set and read them)
     @property
     def wp(self):
         return self.r.wp
@@ -534,9 +542,7 @@ class Continuous:
                 keep.append((reqs, steps, toks))
                 continue
             for q, n, row in zip(reqs, steps.tolist(), toks.tolist()):
-                row = row[:n]
-                cut = next((k for k, x in enumerate(row) if x in self.stopset), None) if not self.ignore_eos else None
-                results[q] = GenOutput(row[:cut], "stop") if cut is not None else GenOutput(row[: self.max_new], "length")
+                results[q] = GenOutput.of(row[:n], self.stopset, self.ignore_eos, self.max_new)
         self.pending = keep
 
     def compact(self) -> bool:
@@ -591,6 +597,15 @@ class Continuous:
             e.stats["continuous"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.prof.items()}
         e.note_fused()
 
+    @contextlib.contextmanager
+    def timed(self, key: str):
+        """Add the host seconds of the ``with`` block to ``prof[key]``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.prof[key] += time.perf_counter() - t0
+
     def next_due(self) -> float:
         """The first step at which some row has surely reached ``max_new``."""
         return min((t0 + self.max_new - 1 for (_, t0), q in zip(self.entry, self.req) if q is not None),
@@ -603,9 +618,8 @@ class Continuous:
         dec, s, prof = self.dec, self.s, self.prof
         first = queue[: self.B]
         del queue[: len(first)]
-        tp = time.perf_counter()
-        self.enter(list(range(len(first))), first, prompts, seeds, 1, call)
-        prof["enter_s"] += time.perf_counter() - tp
+        with self.timed("enter_s"):
+            self.enter(list(range(len(first))), first, prompts, seeds, 1, call)
         prof["entered"] += len(first)
         call = self._rows_call(call)
         use_graphs = dec.use_graphs()
@@ -622,25 +636,22 @@ class Continuous:
                 # (the device is past that step, so reading them does not wait); fresher flags are not waited for
                 done = [False] * self.B
                 if t - flags_t >= max(1, self.refill_every // 2):
-                    tp = time.perf_counter()
-                    done = flags.tolist()
-                    prof["wait_s"] += time.perf_counter() - tp
+                    with self.timed("wait_s"):
+                        done = flags.tolist()
                 fin = [x for x in range(self.B) if self.req[x] is not None
                        and (done[x] or self.entry[x][1] + self.max_new - 1 <= t)]
                 prof["row_checks"] += self.B
                 prof["busy_row_checks"] += sum(1 for x in range(self.B) if self.req[x] is not None) - len(fin)
                 changed = bool(fin)
                 if fin:
-                    tp = time.perf_counter()
-                    self.harvest(fin)
-                    prof["harvest_s"] += time.perf_counter() - tp
+                    with self.timed("harvest_s"):
+                        self.harvest(fin)
                 free = [x for x in range(self.B) if self.req[x] is None]
                 if free and queue:
                     take = queue[: len(free)]
                     del queue[: len(take)]
-                    tp = time.perf_counter()
-                    self.enter(free[: len(take)], take, prompts, seeds, t, call)
-                    prof["enter_s"] += time.perf_counter() - tp
+                    with self.timed("enter_s"):
+                        self.enter(free[: len(take)], take, prompts, seeds, t, call)
                     prof["entered"] += len(take)
                     prof["refills"] += 1
                     changed = True

@@ -353,10 +353,8 @@ def _half_dtypes():
 _FUSED: dict[str, Fused] = {}
 
 
-def fused_impl(mode) -> Fused:
-    """The process's ``Fused`` of ``mode`` ("compile", "triton", "eager"; True / False: "compile" / "eager"),
-    made once and shared by every engine."""
-    mode = {True: "compile", False: "eager"}.get(mode, mode) if isinstance(mode, bool) else mode
+def fused_impl(mode: str) -> Fused:
+    """The process's ``Fused`` of ``mode`` ("compile", "triton", "eager"), made once and shared by every engine."""
     f = _FUSED.get(mode)
     if f is None:
         f = _FUSED[mode] = Fused(mode)
@@ -381,7 +379,7 @@ class FusedSwap:
     the swapping itself). Module hooks keep firing: only the ``forward`` of norms and MLPs is replaced
     (instance attribute), and modules with hooks on the parts it bypasses are left alone."""
 
-    def __init__(self, model, mode="compile", enabled: bool = True, exact_norm: bool = False):
+    def __init__(self, model, mode: str = "compile", enabled: bool = True, exact_norm: bool = False):
         # exact_norm: the RMSNorm's mean of squares stays torch's own reduction (same summation order as
         # eager, so the same values); the elementwise parts before and after it are fused
         self.model, self.enabled, self.exact_norm = model, enabled, exact_norm
